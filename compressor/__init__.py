@@ -1,0 +1,64 @@
+"""qdistill's compression core: bucketed quantizers, quantization parametrizations,
+distillation and packed model files. Depends on torch and numpy only."""
+
+__version__ = "0.1.0"
+
+from compressor.api import (  # noqa: E402
+    cached,
+    load_shadow_state_dict,
+    materialize_,
+    quantizable_weights,
+    quantization_specs,
+    quantize_,
+    quantized_state_dict,
+    quantized_tensors,
+    shadow_state_dict,
+)
+from compressor.config import QuantConfig  # noqa: E402
+from compressor.parametrizations import (  # noqa: E402
+    NonUniformQuantizer,
+    UniformQuantizer,
+    WeightQuantizer,
+)
+from compressor.quantizers import (  # noqa: E402
+    BucketCodes,
+    decode_nonuniform,
+    decode_uniform,
+    encode_nonuniform,
+    encode_uniform,
+    quantile_points,
+    quantize_nonuniform,
+    quantize_tensor,
+    uniform_points,
+)
+from compressor.report import SizeReport, size_report  # noqa: E402
+from compressor.spec import QuantSpec  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "BucketCodes",
+    "NonUniformQuantizer",
+    "QuantConfig",
+    "QuantSpec",
+    "SizeReport",
+    "UniformQuantizer",
+    "WeightQuantizer",
+    "cached",
+    "decode_nonuniform",
+    "decode_uniform",
+    "encode_nonuniform",
+    "encode_uniform",
+    "load_shadow_state_dict",
+    "materialize_",
+    "quantile_points",
+    "quantizable_weights",
+    "quantization_specs",
+    "quantize_",
+    "quantize_nonuniform",
+    "quantize_tensor",
+    "quantized_state_dict",
+    "quantized_tensors",
+    "shadow_state_dict",
+    "size_report",
+    "uniform_points",
+]

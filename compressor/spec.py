@@ -1,0 +1,115 @@
+"""`QuantSpec`: how one stored tensor was quantized, enough to encode and decode it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from compressor.quantizers import (
+    MAX_BITS,
+    BucketCodes,
+    decode_nonuniform,
+    decode_uniform,
+    encode_nonuniform,
+    encode_uniform,
+    quantize_nonuniform,
+    quantize_tensor,
+    round_points,
+)
+
+SPEC_METHODS = ("uniform", "nonuniform")
+
+
+def code_bits(num_points: int) -> int:
+    """Bits needed to index ``num_points`` points (at least one)."""
+    return max(1, math.ceil(math.log2(num_points)))
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """One tensor's quantization: ``method`` "uniform" (2**bits levels) or "nonuniform"
+    (``points`` on [0, 1], indexed with ``bits`` bits), bucketed by ``bucket_size``."""
+
+    method: str
+    bits: int
+    bucket_size: int | None = 256
+    points: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in SPEC_METHODS:
+            raise ValueError(f"method must be one of {SPEC_METHODS}, got {self.method!r}")
+        if not 1 <= self.bits <= MAX_BITS:
+            raise ValueError(f"bits must be from 1 to {MAX_BITS}, got {self.bits!r}")
+        if self.bucket_size is not None and self.bucket_size <= 0:
+            raise ValueError(f"bucket_size must be positive or None, got {self.bucket_size!r}")
+        if self.method == "nonuniform":
+            if not self.points or len(self.points) > 2**self.bits:
+                raise ValueError(
+                    f"a nonuniform spec needs 1 to 2**bits={2**self.bits} points, "
+                    f"got {0 if not self.points else len(self.points)}"
+                )
+        elif self.points is not None:
+            raise ValueError("a uniform spec takes no points")
+
+    @classmethod
+    def nonuniform(cls, points: torch.Tensor, bucket_size: int | None = 256) -> QuantSpec:
+        """A non-uniform spec from a tensor of points (rounded as they are stored)."""
+        stored = round_points(points)
+        return cls("nonuniform", code_bits(stored.numel()), bucket_size, tuple(stored.tolist()))
+
+    @property
+    def points_tensor(self) -> torch.Tensor:
+        return torch.tensor(self.points, dtype=torch.float32)
+
+    @property
+    def num_levels(self) -> int:
+        return 2**self.bits if self.points is None else len(self.points)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.method == "uniform":
+            return quantize_tensor(x, self.bits, self.bucket_size)
+        return quantize_nonuniform(x, self.points_tensor, self.bucket_size)
+
+    def encode(self, x: torch.Tensor) -> BucketCodes:
+        if self.method == "uniform":
+            return encode_uniform(x, self.bits, self.bucket_size)
+        return encode_nonuniform(x, self.points_tensor, self.bucket_size)
+
+    def decode(
+        self,
+        encoded: BucketCodes,
+        shape: torch.Size | tuple[int, ...],
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        if self.method == "uniform":
+            return decode_uniform(encoded, shape, self.bucket_size, dtype)
+        return decode_nonuniform(encoded, self.points_tensor, shape, self.bucket_size, dtype)
+
+    def num_buckets(self, numel: int) -> int:
+        if numel == 0:
+            return 0
+        d = numel if self.bucket_size is None else self.bucket_size
+        return -(-numel // d)
+
+    def theoretical_bytes(self, numel: int) -> float:
+        """b bits per weight plus two fp32 per bucket (plus the points, if any)."""
+        points = 0 if self.points is None else 4 * len(self.points)
+        return numel * self.bits / 8 + 8 * self.num_buckets(numel) + points
+
+    def to_dict(self) -> dict:
+        out = {"method": self.method, "bits": self.bits, "bucket_size": self.bucket_size}
+        if self.points is not None:
+            out["points"] = list(self.points)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> QuantSpec:
+        points = data.get("points")
+        return cls(
+            method=data["method"],
+            bits=int(data["bits"]),
+            bucket_size=None if data.get("bucket_size") is None else int(data["bucket_size"]),
+            points=None if points is None else tuple(float(p) for p in points),
+        )
