@@ -28,7 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qdistill {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for ep in sorted(entry_points(group="qdistill.commands"), key=lambda e: e.name):
-        ep.load()(subparsers)
+        try:
+            register = ep.load()
+        except ImportError as exc:  # an optional plugin whose dependencies are missing
+            print(f"qdistill: command {ep.name!r} unavailable ({exc})", file=sys.stderr)
+            continue
+        register(subparsers)
     return parser
 
 
