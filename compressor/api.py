@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -62,9 +62,7 @@ def _select_modules(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn
                     f"include: regex {pattern!r} matches no quantizable module; "
                     f"the quantizable modules are {names[:12]}{' ...' if len(names) > 12 else ''}"
                 )
-        candidates = [
-            (n, m) for n, m in candidates if any(re.search(p, n) for p in config.include)
-        ]
+        candidates = [(n, m) for n, m in candidates if any(re.search(p, n) for p in config.include)]
     candidates = [(n, m) for n, m in candidates if not any(re.search(p, n) for p in config.exclude)]
     if config.keep_first_last and candidates:
         first, last = candidates[0][0], candidates[-1][0]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
 
 from compressor.quantizers import MAX_BITS, ROUNDINGS
 
@@ -96,9 +96,14 @@ class QuantConfig:
         for pattern, bits in self.bits_overrides.items():
             _check_bits_value(f"bits_overrides[{pattern!r}]", bits)
         for name, count in self.num_points.items():
-            if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 2**MAX_BITS:
+            if (
+                isinstance(count, bool)
+                or not isinstance(count, int)
+                or not 1 <= count <= 2**MAX_BITS
+            ):
+                limit = 2**MAX_BITS
                 raise ValueError(
-                    f"num_points[{name!r}] must be an integer from 1 to {2**MAX_BITS}, got {count!r}"
+                    f"num_points[{name!r}] must be an integer from 1 to {limit}, got {count!r}"
                 )
         if self.num_points and self.method == "uniform":
             raise ValueError("num_points needs method='nonuniform' or 'differentiable'")

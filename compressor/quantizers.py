@@ -15,10 +15,9 @@ checkpoint be packed and unpacked bit for bit.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import os
 import warnings
+from typing import NamedTuple
 
 import torch
 
@@ -98,9 +97,7 @@ def _previous_short(v: torch.Tensor, keep_bits: int) -> torch.Tensor:
     return (v.view(torch.int32) - step).view(torch.float32)
 
 
-def _short_scale(
-    lo: torch.Tensor, hi: torch.Tensor, top: float, keep_bits: int
-) -> torch.Tensor:
+def _short_scale(lo: torch.Tensor, hi: torch.Tensor, top: float, keep_bits: int) -> torch.Tensor:
     """Per-bucket scale with ``keep_bits`` significant bits such that ``lo + top*scale <= hi``.
 
     ``top`` is the largest multiplier of the scale (levels-1 for uniform, 1.0 for points).
@@ -171,7 +168,9 @@ def _fused_quantize(rows: torch.Tensor, bits: int) -> torch.Tensor | None:
             _fused_kernel = torch.compile(_fused_uniform, dynamic=True)
         return _fused_kernel(rows, float(2**bits - 1))
     except Exception as exc:  # no C++ compiler, unsupported device: eager is still exact
-        warnings.warn(f"qdistill: fused quantizer unavailable ({exc}); using eager ops")
+        warnings.warn(
+            f"qdistill: fused quantizer unavailable ({exc}); using eager ops", stacklevel=3
+        )
         _fused_kernel = False
         return None
 
@@ -196,7 +195,11 @@ def quantize_tensor(
     if x.numel() == 0:
         return x.clone()
     rows = bucket_view(x, bucket_size)
-    if rounding == "nearest" and x.numel() >= FUSED_MIN_NUMEL and not (torch.is_grad_enabled() and x.requires_grad):
+    if (
+        rounding == "nearest"
+        and x.numel() >= FUSED_MIN_NUMEL
+        and not (torch.is_grad_enabled() and x.requires_grad)
+    ):
         fused = _fused_quantize(rows, bits)
         if fused is not None:
             return _finish(fused, x)

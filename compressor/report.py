@@ -40,7 +40,9 @@ class SizeReport:
         return self.fp32_bytes / self.total_bytes if self.total_bytes else float("inf")
 
     def __str__(self) -> str:
-        header = f"{'tensor':<48} {'shape':>18} {'bits':>5} {'buckets':>8} {'bytes':>12} {'fp32':>12}"
+        header = (
+            f"{'tensor':<48} {'shape':>18} {'bits':>5} {'buckets':>8} {'bytes':>12} {'fp32':>12}"
+        )
         lines = [header, "-" * len(header)]
         for r in self.rows:
             bits = "fp32" if r.bits is None else str(r.bits)
@@ -69,7 +71,9 @@ def size_report(model: nn.Module) -> SizeReport:
         numel = tensor.numel()
         spec = specs.get(name)
         if spec is None:
-            rows.append(TensorSize(name, tuple(tensor.shape), numel, None, 0, 4.0 * numel, 4 * numel))
+            rows.append(
+                TensorSize(name, tuple(tensor.shape), numel, None, 0, 4.0 * numel, 4 * numel)
+            )
         else:
             rows.append(
                 TensorSize(
