@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that write benchmarks/results/*.json and feed benchmarks/REPORT.md."""
