@@ -18,7 +18,7 @@ $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	$(PIP) install -q -c $(CONSTRAINTS) --upgrade pip setuptools wheel
 	$(PIP) install -q -c $(CONSTRAINTS) torch torchvision
 	$(PIP) install -q -c $(CONSTRAINTS) --no-deps OpenNMT-py
-	$(PIP) install -q -c $(CONSTRAINTS) -e ".[test,onmt,vision]"
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[test,onmt,vision,ans]"
 	$(PY) -c "import torch, torchvision, onmt, compressor; print('qdistill environment ready: torch', torch.__version__, 'onmt', onmt.__version__)"
 	@touch $(STAMP)
 

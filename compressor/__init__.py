@@ -62,3 +62,12 @@ __all__ = [
     "size_report",
     "uniform_points",
 ]
+
+from compressor.packed import (  # noqa: E402
+    PackedFormatError,
+    load_packed,
+    packed_info,
+    save_packed,
+)
+
+__all__ += ["PackedFormatError", "load_packed", "packed_info", "save_packed"]

@@ -158,9 +158,12 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     was_training = model.training
     model.eval()
     try:
-        for name, module, tensor_name, _ in quantized_tensors(model):
+        shared: dict[int, torch.Tensor] = {}  # tied weights come back as one tensor
+        for name, module, tensor_name, quantizer in quantized_tensors(model):
             if name in out:
-                out[name] = getattr(module, tensor_name).detach().clone()
+                if id(quantizer) not in shared:
+                    shared[id(quantizer)] = getattr(module, tensor_name).detach().clone()
+                out[name] = shared[id(quantizer)]
     finally:
         model.train(was_training)
     return out

@@ -1,0 +1,245 @@
+"""``qdistill inspect``, ``qdistill pack`` and ``qdistill unpack``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from compressor.cli import UsageError
+
+
+def _existing_file(path: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"no such file: {path}")
+    return p
+
+
+def load_checkpoint_state(path: str | os.PathLike) -> tuple[dict, dict]:
+    """A state dict from a ``.pt`` checkpoint (a plain state dict, or a dict with a ``model``
+    key as torchvision's references save) or a ``.safetensors`` file, loaded without running
+    any pickled code; also returns the checkpoint's recorded qdistill settings, if any."""
+    import argparse as _argparse
+
+    import torch
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path)), {}
+        except Exception as exc:
+            raise UsageError(f"{path}: not a readable safetensors file ({exc})") from None
+    torch.serialization.add_safe_globals([_argparse.Namespace])
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(
+            f"{path}: not a PyTorch checkpoint that loads safely (weights_only): {first}"
+        ) from None
+    if not isinstance(checkpoint, Mapping):
+        raise UsageError(f"{path}: expected a state dict or a dict with a 'model' key")
+    recorded = checkpoint.get("qdistill") if isinstance(checkpoint.get("qdistill"), Mapping) else {}
+    state = checkpoint.get("model", checkpoint)
+    if not isinstance(state, Mapping) or not any(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
+        raise UsageError(f"{path}: holds no tensors under 'model' or at its top level")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, dict(recorded)
+
+
+def pack_checkpoint(
+    state: Mapping,
+    output: str | os.PathLike,
+    bits: int = 4,
+    bucket_size: int | None = 256,
+    method: str = "uniform",
+    include: str | None = None,
+    exclude: str | None = None,
+    entropy: str | None = None,
+    recorded_specs: Mapping[str, dict] | None = None,
+    metadata: Mapping | None = None,
+) -> int:
+    """Quantize and pack a state dict: every floating-point tensor of two or more dimensions
+    whose name matches ``include`` (and not ``exclude``), unless ``recorded_specs`` already
+    say how each tensor was quantized (then those tensors are stored exactly as they are)."""
+    from compressor.packed import save_packed
+    from compressor.quantizers import quantile_points
+    from compressor.spec import QuantSpec
+
+    tensors, specs = {}, {}
+    if recorded_specs:
+        specs = {name: QuantSpec.from_dict(spec) for name, spec in recorded_specs.items()}
+        tensors = dict(state)
+    else:
+        for name, value in state.items():
+            chosen = (
+                value.is_floating_point()
+                and value.dim() >= 2
+                and (include is None or re.search(include, name))
+                and not (exclude and re.search(exclude, name))
+            )
+            if not chosen:
+                tensors[name] = value
+                continue
+            if method == "uniform":
+                spec = QuantSpec("uniform", bits, bucket_size)
+            else:
+                spec = QuantSpec.nonuniform(
+                    quantile_points(value, 2**bits, bucket_size), bucket_size
+                )
+            specs[name] = spec
+            tensors[name] = spec.quantize(value)
+        if not specs:
+            raise UsageError("no tensor selected for quantization (check --include/--exclude)")
+    return save_packed(tensors, output, metadata=metadata, specs=specs, entropy=entropy)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from compressor.packed import PackedFormatError, packed_info
+
+    path = _existing_file(args.file)
+    try:
+        rows = packed_info(path)
+    except PackedFormatError as exc:
+        raise UsageError(str(exc)) from None
+    header = (
+        f"{'tensor':<44} {'shape':>16} {'bits':>5} {'bucket':>7} {'coding':>8} {'bytes':>11} "
+        f"{'code bits':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    fp32 = 0
+    weights = 0
+    code_bits_total = 0.0
+    for r in rows:
+        numel = 1
+        for d in r.shape:
+            numel *= d
+        if r.coding.startswith("tied"):
+            print(
+                f"{r.name[:44]:<44} {str(list(r.shape)):>16} {'':>5} {'':>7} {'tied':>8} {0:>11,}"
+            )
+            continue
+        fp32 += 4 * numel
+        bits = "-" if r.spec is None else str(r.spec.bits)
+        bucket = "-" if r.spec is None else str(r.spec.bucket_size)
+        mean = "" if r.code_bits is None else f"{r.code_bits:.3f}"
+        if r.code_bits is not None:
+            weights += numel
+            code_bits_total += r.code_bits * numel
+        print(
+            f"{r.name[:44]:<44} {str(list(r.shape)):>16} {bits:>5} {bucket:>7} {r.coding:>8} "
+            f"{r.stored_bytes:>11,} {mean:>9}"
+        )
+    size = path.stat().st_size
+    print("-" * len(header))
+    mean = (
+        f"{code_bits_total / weights:.3f} bits/weight over {weights:,} quantized weights"
+        if weights
+        else ""
+    )
+    print(f"file {size:,} bytes; fp32 {fp32:,} bytes; compression {fp32 / size:.2f}x; {mean}")
+    return 0
+
+
+def _pack(args: argparse.Namespace) -> int:
+    source = _existing_file(args.checkpoint)
+    if not 1 <= args.bits <= 8:
+        raise UsageError(f"--bits must be from 1 to 8, got {args.bits}")
+    if args.bucket_size is not None and args.bucket_size <= 0:
+        raise UsageError(f"--bucket-size must be positive, got {args.bucket_size}")
+    for option, pattern in (("--include", args.include), ("--exclude", args.exclude)):
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise UsageError(f"{option}: {pattern!r} is not a valid regex ({exc})") from None
+    state, recorded = load_checkpoint_state(source)
+    entropy = None if args.entropy == "none" else args.entropy
+    try:
+        size = pack_checkpoint(
+            state,
+            args.output,
+            bits=args.bits,
+            bucket_size=args.bucket_size,
+            method=args.method,
+            include=args.include,
+            exclude=args.exclude,
+            entropy=entropy,
+            recorded_specs=None if args.requantize else recorded.get("specs"),
+            metadata={"source": source.name},
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    ratio = source.stat().st_size / size
+    print(f"wrote {args.output}: {size:,} bytes ({ratio:.2f}x smaller than {source.name})")
+    return 0
+
+
+def _unpack(args: argparse.Namespace) -> int:
+    import torch
+
+    from compressor.packed import PackedFormatError, load_packed
+
+    source = _existing_file(args.file)
+    output = Path(args.output)
+    if output.suffix not in (".pt", ".safetensors"):
+        raise UsageError(f"-o must end in .pt or .safetensors, got {output.name}")
+    try:
+        state, metadata = load_packed(source)
+    except PackedFormatError as exc:
+        raise UsageError(str(exc)) from None
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent or ".")
+    os.close(fd)
+    try:
+        if output.suffix == ".pt":
+            torch.save(state, tmp)
+        else:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in state.items()}, tmp)
+        os.replace(tmp, output)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    print(f"wrote {output}: {len(state)} tensors")
+    return 0
+
+
+def register_inspect(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("inspect", help="per-tensor sizes of a packed model file")
+    p.add_argument("file")
+    p.set_defaults(func=_inspect)
+
+
+def register_pack(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "pack", help="quantize a checkpoint (.pt/.safetensors) into a packed file"
+    )
+    p.add_argument("checkpoint")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--bucket-size", type=int, default=256)
+    p.add_argument("--method", choices=("uniform", "nonuniform"), default="uniform")
+    p.add_argument("--include", help="regex over tensor names to quantize (default: all ≥2-D)")
+    p.add_argument("--exclude", help="regex over tensor names to keep in full precision")
+    p.add_argument("--entropy", choices=("none", "huffman", "ans"), default="none")
+    p.add_argument(
+        "--requantize",
+        action="store_true",
+        help="ignore quantization settings recorded in the checkpoint",
+    )
+    p.set_defaults(func=_pack)
+
+
+def register_unpack(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("unpack", help="decode a packed file to a .pt or .safetensors")
+    p.add_argument("file")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=_unpack)
