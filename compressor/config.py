@@ -9,7 +9,7 @@ from types import MappingProxyType
 
 from compressor.quantizers import MAX_BITS, ROUNDINGS
 
-METHODS = ("uniform", "nonuniform", "differentiable")
+METHODS = ("uniform", "nonuniform", "differentiable", "lsq")
 POINT_INITS = ("quantile", "uniform")
 
 
@@ -38,7 +38,8 @@ class QuantConfig:
         bits: bits per weight, 1 to 8 (2**bits levels or points per bucket).
         bucket_size: consecutive weights sharing one min/max scaling (None: one per tensor).
         method: "uniform" (evenly spaced levels), "nonuniform" (fixed points at quantiles or
-            evenly spaced) or "differentiable" (points learned by gradient descent).
+            evenly spaced), "differentiable" (points learned by gradient descent) or "lsq"
+            (a learned step per tensor, as in QKD; ``bucket_size`` does not apply).
         rounding: "nearest" or "stochastic" (unbiased; uniform method only).
         include: regexes over module names (``re.search``); None selects every module.
             Each regex must match at least one quantizable module.
@@ -105,7 +106,7 @@ class QuantConfig:
                 raise ValueError(
                     f"num_points[{name!r}] must be an integer from 1 to {limit}, got {count!r}"
                 )
-        if self.num_points and self.method == "uniform":
+        if self.num_points and self.method in ("uniform", "lsq"):
             raise ValueError("num_points needs method='nonuniform' or 'differentiable'")
         object.__setattr__(self, "bits_overrides", _frozen_mapping(self.bits_overrides))
         object.__setattr__(self, "num_points", _frozen_mapping(self.num_points))

@@ -81,9 +81,8 @@ def _tensors_and_specs(
         found = quantization_specs(model)
         encoded = {}
         for name, module, tensor_name, quantizer in quantized_tensors(model):
-            if quantizer.spec.method == "nonuniform":  # not idempotent: encode the shadow
-                shadow = module.parametrizations[tensor_name].original
-                encoded[name] = quantizer.encode(shadow)
+            with torch.no_grad():
+                encoded[name] = quantizer.encode(module.parametrizations[tensor_name].original)
         return tensors, {**found, **(specs or {})}, encoded
     tensors = dict(model_or_state_dict)
     return tensors, dict(specs or {}), {}

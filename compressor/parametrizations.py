@@ -12,7 +12,13 @@ import abc
 import torch
 from torch import nn
 
-from compressor.quantizers import quantile_points, round_points, uniform_points
+from compressor.quantizers import (
+    BucketCodes,
+    quantile_points,
+    quantize_tensor,
+    round_points,
+    uniform_points,
+)
 from compressor.spec import QuantSpec, code_bits
 
 
@@ -39,8 +45,9 @@ class WeightQuantizer(nn.Module, abc.ABC):
     def spec(self) -> QuantSpec:
         """How the current quantized weight is stored."""
 
-    def encode(self, weight: torch.Tensor):  # noqa: ANN201
-        """The codes the quantized weight is stored as (see :class:`QuantSpec`)."""
+    def encode(self, weight: torch.Tensor) -> BucketCodes:
+        """The codes the quantized weight is stored as (see :class:`QuantSpec`), from the
+        full-precision shadow weight."""
         return self.spec.encode(weight.detach())
 
 
@@ -59,14 +66,19 @@ class UniformQuantizer(WeightQuantizer):
         return self._spec
 
     def _quantize(self, weight: torch.Tensor) -> torch.Tensor:
-        from compressor.quantizers import quantize_tensor
-
         # Stochastic rounding is a training-time device; evaluation always rounds to nearest.
         rounding = self.rounding if self.training else "nearest"
         return quantize_tensor(weight, self.bits, self.bucket_size, rounding)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return _StraightThrough.apply(weight, self._quantize)
+
+    def encode(self, weight: torch.Tensor) -> BucketCodes:
+        # Encode the value the model computes with (re-quantizing it is exact), whichever
+        # kernel produced it.
+        with torch.no_grad():
+            value = quantize_tensor(weight.detach(), self.bits, self.bucket_size, "nearest")
+        return self.spec.encode(value)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, bucket_size={self.bucket_size}, rounding={self.rounding}"
@@ -113,6 +125,10 @@ def make_weight_quantizer(
     """The quantizer module for one weight tensor, as :class:`QuantConfig` describes it."""
     if method == "uniform":
         return UniformQuantizer(bits, bucket_size, rounding)
+    if method == "lsq":
+        from compressor.lsq import LsqWeightQuantizer
+
+        return LsqWeightQuantizer(weight, bits)
     count = num_points if num_points is not None else 2**bits
     points = initial_points(weight.detach(), count, bucket_size, point_init)
     if method == "nonuniform":

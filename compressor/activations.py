@@ -1,0 +1,45 @@
+"""Activation quantization for QKD: a learned-step quantizer at the input of each quantized
+layer, attached with a forward pre-hook so that the layer's own code is untouched.
+
+LSQ (Esser et al. 2020, see :mod:`compressor.lsq`) is the quantizer: one learned step per
+layer, initialised from the first batch, unsigned levels ``[0, 2^b - 1]`` for inputs that are
+never negative (after a ReLU) and signed levels ``[-2^(b-1), 2^(b-1) - 1]`` otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from compressor.lsq import LsqActivationQuantizer
+
+
+def _quantize_input(module: nn.Module, args: tuple) -> tuple:
+    if not args or not torch.is_tensor(args[0]) or not args[0].is_floating_point():
+        return args
+    return (module.input_quantizer(args[0]), *args[1:])
+
+
+def activation_quantizers(model: nn.Module) -> list[LsqActivationQuantizer]:
+    """Every activation quantizer inserted into ``model``."""
+    return [m for m in model.modules() if isinstance(m, LsqActivationQuantizer)]
+
+
+def insert_activation_quantizers(
+    quantized_modules: list[tuple[str, nn.Module]], act_bits: int
+) -> list[str]:
+    """Quantize the input of each given layer with an :class:`LsqActivationQuantizer`
+    (a submodule ``input_quantizer`` and a forward pre-hook). Embeddings (integer inputs) and
+    recurrent layers (sequence objects) are left alone. Returns the names of the layers."""
+    if isinstance(act_bits, bool) or not isinstance(act_bits, int) or not 1 <= act_bits <= 8:
+        raise ValueError(f"act_bits must be an integer from 1 to 8, got {act_bits!r}")
+    done = []
+    for name, module in quantized_modules:
+        if isinstance(module, nn.Embedding | nn.RNNBase | nn.RNNCellBase):
+            continue
+        if hasattr(module, "input_quantizer"):
+            continue
+        module.add_module("input_quantizer", LsqActivationQuantizer(act_bits))
+        module.register_forward_pre_hook(_quantize_input)
+        done.append(name)
+    return done

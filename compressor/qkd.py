@@ -1,0 +1,109 @@
+"""QKD (Kim et al. 2019): quantization-aware knowledge distillation in three phases.
+
+1. Self-studying: the quantized student trains on the labels alone; the teacher is untouched.
+2. Co-studying: teacher and student train together; the student distils from the teacher and
+   the teacher also distils from the student, which makes it quantization-friendly.
+3. Tutoring: the teacher is frozen and the student distils from it.
+
+The student is quantized with learned quantizers, e.g.
+``QuantConfig(method="lsq", bits=4, act_bits=4)`` for W4A4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from compressor.api import cached
+from compressor.distillation import check_distillation_settings, distillation_loss
+from compressor.training import cycle, freeze_
+
+PHASES = ("self-studying", "co-studying", "tutoring")
+
+
+@dataclass(frozen=True)
+class QKDSchedule:
+    """Steps of each phase, and the distillation settings of phases 2 and 3."""
+
+    self_studying_steps: int
+    co_studying_steps: int
+    tutoring_steps: int
+    temperature: float = 2.0
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("self_studying_steps", "co_studying_steps", "tutoring_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_distillation_settings(self.temperature, self.alpha)
+
+    def phase_of(self, step: int) -> str:
+        if step < self.self_studying_steps:
+            return PHASES[0]
+        if step < self.self_studying_steps + self.co_studying_steps:
+            return PHASES[1]
+        return PHASES[2]
+
+    @property
+    def total_steps(self) -> int:
+        return self.self_studying_steps + self.co_studying_steps + self.tutoring_steps
+
+
+def _logits(model: nn.Module, inputs: Any) -> torch.Tensor:
+    return model(inputs)
+
+
+def qkd_train(
+    student: nn.Module,
+    teacher: nn.Module,
+    batches: Iterable[tuple[Any, torch.Tensor]],
+    schedule: QKDSchedule,
+    student_optimizer: torch.optim.Optimizer,
+    teacher_optimizer: torch.optim.Optimizer,
+    forward: Callable[[nn.Module, Any], torch.Tensor] = _logits,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> list[dict]:
+    """Run the three phases over ``(inputs, target)`` batches; returns the per-step history
+    (phase, student loss, teacher loss in co-studying)."""
+    history = []
+    t, a = schedule.temperature, schedule.alpha
+    for step, (inputs, target) in zip(range(schedule.total_steps), cycle(batches)):
+        phase = schedule.phase_of(step)
+        record: dict = {"phase": phase}
+        student.train()
+        if phase == "co-studying":
+            teacher.train()
+            for p in teacher.parameters():
+                p.requires_grad_(True)
+        else:
+            freeze_(teacher)
+        student_optimizer.zero_grad(set_to_none=True)
+        with cached():
+            student_logits = forward(student, inputs)
+            if phase == "self-studying":
+                loss = nn.functional.cross_entropy(
+                    student_logits.reshape(-1, student_logits.shape[-1]), target.reshape(-1)
+                )
+            else:
+                grad = torch.enable_grad() if phase == "co-studying" else torch.no_grad()
+                with grad:
+                    teacher_logits = forward(teacher, inputs)
+                loss = distillation_loss(student_logits, teacher_logits.detach(), target, t, a)
+            loss.backward()
+        student_optimizer.step()
+        record["student_loss"] = loss.item()
+        if phase == "co-studying":
+            teacher_optimizer.zero_grad(set_to_none=True)
+            teacher_loss = distillation_loss(teacher_logits, student_logits.detach(), target, t, a)
+            teacher_loss.backward()
+            teacher_optimizer.step()
+            record["teacher_loss"] = teacher_loss.item()
+        history.append(record)
+        if on_step is not None:
+            on_step(step, record)
+    freeze_(teacher)
+    return history

@@ -1,0 +1,244 @@
+"""Small, fast, deterministic runs of every method on real CIFAR-10 images.
+
+A few thousand images, a tiny CNN teacher and a shallower, narrower student, a few hundred
+steps: seconds to a minute each on a CPU. Tests drive them; benchmarks scale them up through
+:class:`SmallRunConfig`.
+
+    python -m recipes.small_runs --train-images 4000 --steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import compressor
+from compressor.bit_allocation import allocate_bits
+from compressor.differentiable import differentiable_quantization
+from compressor.qkd import QKDSchedule, qkd_train
+from compressor.training import DistillConfig, quantized_distillation
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("QDISTILL_DATA", DEFAULT_DATA))
+
+
+@dataclass(frozen=True)
+class SmallRunConfig:
+    train_images: int = 4000
+    test_images: int = 1000
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 0.05
+    teacher_width: int = 32
+    student_width: int = 16
+    temperature: float = 2.0
+    alpha: float = 0.7
+    seed: int = 0
+
+
+def load_cifar10(
+    root: Path, train_images: int, test_images: int, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """A fixed random subset of CIFAR-10's npz files (which are sorted by class), normalised,
+    as NCHW float tensors."""
+    out = {}
+    for split, count in (("train", train_images), ("test", test_images)):
+        path = root / "cifar10" / f"{split}.npz"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: set QDISTILL_DATA to the shared data")
+        with np.load(path) as npz:
+            labels = npz["labels"]
+            chosen = np.sort(np.random.default_rng(seed).permutation(len(labels))[:count])
+            images = torch.from_numpy(npz["images"][chosen]).permute(0, 3, 1, 2).float() / 255
+            labels = torch.from_numpy(labels[chosen]).long()
+        mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
+        out[f"{split}_x"], out[f"{split}_y"] = (images - mean) / std, labels
+    return out
+
+
+def tiny_cnn(width: int, depth: int) -> nn.Sequential:
+    """``depth`` conv-BN-ReLU-pool blocks of ``width * 2**i`` channels and a linear head."""
+    layers, channels = [], 3
+    for i in range(depth):
+        out = width * 2**i
+        layers += [nn.Conv2d(channels, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU()]
+        layers.append(nn.MaxPool2d(2))
+        channels = out
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10)]
+    return nn.Sequential(*layers)
+
+
+def batches(data: dict, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless shuffled training batches with light augmentation (random horizontal flips)."""
+    gen = torch.Generator().manual_seed(seed)
+    x, y = data["train_x"], data["train_y"]
+    while True:
+        order = torch.randperm(len(y), generator=gen)
+        for start in range(0, len(y) - batch_size + 1, batch_size):
+            idx = order[start : start + batch_size]
+            images = x[idx]
+            flip = torch.rand(len(idx), generator=gen) < 0.5
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+            yield images, y[idx]
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: dict) -> float:
+    model.eval()
+    correct = 0
+    for start in range(0, len(data["test_y"]), 500):
+        logits = model(data["test_x"][start : start + 500])
+        correct += int((logits.argmax(1) == data["test_y"][start : start + 500]).sum())
+    return 100.0 * correct / len(data["test_y"])
+
+
+def _optimizer(model: nn.Module, cfg: SmallRunConfig, steps: int):  # noqa: ANN202
+    opt = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, momentum=0.9, nesterov=True
+    )
+    return opt, torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=max(steps, 1))
+
+
+def _train(model, teacher, data, cfg, steps, alpha):  # noqa: ANN001, ANN202
+    opt, sched = _optimizer(model, cfg, steps)
+    return quantized_distillation(
+        model,
+        teacher,
+        batches(data, cfg.batch_size, cfg.seed),
+        opt,
+        steps,
+        DistillConfig(cfg.temperature, alpha),
+        scheduler=sched,
+    )
+
+
+def train_teacher(data: dict, cfg: SmallRunConfig) -> nn.Module:
+    torch.manual_seed(cfg.seed)
+    teacher = tiny_cnn(cfg.teacher_width, depth=3)
+    _train(teacher, None, data, cfg, cfg.steps, cfg.alpha)
+    return teacher
+
+
+def student(cfg: SmallRunConfig) -> nn.Module:
+    torch.manual_seed(cfg.seed + 1)
+    return tiny_cnn(cfg.student_width, depth=2)
+
+
+def run_fp32_student(data: dict, cfg: SmallRunConfig, teacher: nn.Module | None) -> nn.Module:
+    model = student(cfg)
+    _train(model, teacher, data, cfg, cfg.steps, cfg.alpha)
+    return model
+
+
+def run_post_training(model: nn.Module, bits: int) -> nn.Module:
+    """PM quantization: quantize a trained model's weights once, no training."""
+    quantized = copy.deepcopy(model)
+    compressor.quantize_(quantized, compressor.QuantConfig(bits=bits))
+    return compressor.materialize_(quantized)
+
+
+def run_quantized_distillation(
+    data: dict, cfg: SmallRunConfig, teacher: nn.Module, bits: int
+) -> tuple[nn.Module, list[dict]]:
+    model = student(cfg)
+    compressor.quantize_(model, compressor.QuantConfig(bits=bits))
+    history = _train(model, teacher, data, cfg, cfg.steps, cfg.alpha)
+    return compressor.materialize_(model), history
+
+
+def _cross_entropy(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(inputs), target)
+
+
+def run_differentiable_quantization(
+    data: dict, cfg: SmallRunConfig, teacher: nn.Module, fp32_student: nn.Module, bits: int
+) -> tuple[nn.Module, dict[str, int]]:
+    """Algorithm 2 with bit allocation, starting from the trained full-precision student."""
+    model = copy.deepcopy(fp32_student)
+    points = allocate_bits(model, batches(data, cfg.batch_size, cfg.seed), _cross_entropy, bits)
+    config = compressor.QuantConfig(bits=bits, method="differentiable", num_points=points)
+    compressor.quantize_(model, config)
+    differentiable_quantization(
+        model,
+        batches(data, cfg.batch_size, cfg.seed + 2),
+        cfg.steps,
+        teacher=teacher,
+        lr=1e-3,
+        temperature=cfg.temperature,
+        alpha=cfg.alpha,
+    )
+    return compressor.materialize_(model), points
+
+
+def run_qkd(
+    data: dict, cfg: SmallRunConfig, teacher: nn.Module, bits: int = 4, act_bits: int = 4
+) -> tuple[nn.Module, list[dict]]:
+    """QKD W{bits}A{act_bits}: the three phases, a third of the steps each."""
+    model = student(cfg)
+    compressor.quantize_(model, compressor.QuantConfig(bits=bits, method="lsq", act_bits=act_bits))
+    model(data["train_x"][: cfg.batch_size])  # initialise the activation steps from a batch
+    teacher = copy.deepcopy(teacher)
+    third = cfg.steps // 3
+    schedule = QKDSchedule(third, third, cfg.steps - 2 * third, cfg.temperature, cfg.alpha)
+    student_opt, _ = _optimizer(model, cfg, cfg.steps)
+    teacher_opt = torch.optim.SGD(teacher.parameters(), lr=cfg.lr / 10, momentum=0.9)
+    history = qkd_train(
+        model, teacher, batches(data, cfg.batch_size, cfg.seed), schedule, student_opt, teacher_opt
+    )
+    return compressor.materialize_(model), history
+
+
+def run_all(cfg: SmallRunConfig, root: Path | None = None) -> dict[str, float]:
+    """Every method once; returns test accuracy (%) by method name."""
+    torch.manual_seed(cfg.seed)
+    data = load_cifar10(root or data_root(), cfg.train_images, cfg.test_images, cfg.seed)
+    teacher = train_teacher(data, cfg)
+    results = {"teacher fp32": accuracy(teacher, data)}
+    plain = run_fp32_student(data, cfg, None)
+    distilled = run_fp32_student(data, cfg, teacher)
+    results["student fp32"] = accuracy(plain, data)
+    results["student fp32 distilled"] = accuracy(distilled, data)
+    for bits in (2, 4, 8):
+        results[f"PM {bits}-bit"] = accuracy(run_post_training(distilled, bits), data)
+        results[f"quantized distillation {bits}-bit"] = accuracy(
+            run_quantized_distillation(data, cfg, teacher, bits)[0], data
+        )
+    for bits in (2, 4):
+        model, _ = run_differentiable_quantization(data, cfg, teacher, distilled, bits)
+        results[f"differentiable quantization {bits}-bit"] = accuracy(model, data)
+    results["QKD W4A4"] = accuracy(run_qkd(data, cfg, teacher)[0], data)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="small CIFAR-10 runs of every method")
+    for field, value in asdict(SmallRunConfig()).items():
+        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--json", help="write the accuracies here")
+    args = parser.parse_args(argv)
+    cfg = replace(SmallRunConfig(), **{k: v for k, v in vars(args).items() if k != "json"})
+    results = run_all(cfg)
+    for name, acc in results.items():
+        print(f"{name:<40} {acc:6.2f}%")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"config": asdict(cfg), "accuracy": results}, indent=2)
+        )
+
+
+if __name__ == "__main__":
+    main()
