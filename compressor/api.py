@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from compressor.config import QuantConfig
-from compressor.parametrizations import WeightQuantizer, make_weight_quantizer
+from compressor.parametrizations import UniformQuantizer, WeightQuantizer, make_weight_quantizer
 from compressor.spec import QuantSpec
 
 # Module types whose weights are quantized, and the names of those weights.
@@ -31,6 +31,7 @@ _RNN_WEIGHT = re.compile(r"^weight_(ih|hh|hr)_l\d+(_reverse)?$")
 
 # Where materialize_ leaves the specs of the tensors it quantized (name -> QuantSpec).
 _SPECS_ATTR = "_qdistill_specs"
+_CODES_ATTR = "_qdistill_codes"
 
 
 def quantizable_weights(module: nn.Module) -> list[str]:
@@ -193,6 +194,14 @@ def materialize_(model: nn.Module) -> nn.Module:
     """
     entries = list(quantized_tensors(model))
     specs = {name: quantizer.spec for name, _, _, quantizer in entries}
+    # Only min-max uniform values re-encode exactly from themselves: keep the codes of the
+    # others (non-uniform points, learned steps) so that the materialized model still packs.
+    with torch.no_grad():
+        codes = {
+            name: quantizer.encode(module.parametrizations[tensor_name].original)
+            for name, module, tensor_name, quantizer in entries
+            if not isinstance(quantizer, UniformQuantizer)
+        }
     was_training = model.training
     model.eval()  # stochastic rounding is for training steps; the final weights round to nearest
     done: set[int] = set()
@@ -206,7 +215,14 @@ def materialize_(model: nn.Module) -> nn.Module:
     finally:
         model.train(was_training)
     setattr(model, _SPECS_ATTR, {**getattr(model, _SPECS_ATTR, {}), **specs})
+    setattr(model, _CODES_ATTR, {**getattr(model, _CODES_ATTR, {}), **codes})
     return model
+
+
+def materialized_codes(model: nn.Module) -> dict:
+    """Codes of the tensors that :func:`materialize_` quantized on grids other than the
+    min-max uniform one, by plain name."""
+    return dict(getattr(model, _CODES_ATTR, {}))
 
 
 def cached() -> AbstractContextManager:

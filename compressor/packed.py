@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from compressor import coding
-from compressor.api import quantization_specs, quantized_tensors
+from compressor.api import materialized_codes, quantization_specs, quantized_tensors
 from compressor.quantizers import BucketCodes
 from compressor.spec import QuantSpec
 
@@ -79,7 +79,7 @@ def _tensors_and_specs(
         model = model_or_state_dict
         tensors = quantized_state_dict(model)
         found = quantization_specs(model)
-        encoded = {}
+        encoded = materialized_codes(model)
         for name, module, tensor_name, quantizer in quantized_tensors(model):
             with torch.no_grad():
                 encoded[name] = quantizer.encode(module.parametrizations[tensor_name].original)
@@ -105,9 +105,10 @@ def _checksum(payload: Mapping[str, np.ndarray]) -> str:
 
 
 def _encode_checked(name: str, value: torch.Tensor, spec: QuantSpec, given) -> BucketCodes:  # noqa: ANN001
-    encoded = given if given is not None else spec.encode(value)
-    decoded = spec.decode(encoded, value.shape, value.dtype)
-    if not torch.equal(decoded, value):
+    if given is not None and torch.equal(spec.decode(given, value.shape, value.dtype), value):
+        return given
+    encoded = spec.encode(value)  # exact for uniform grids (re-quantizing is idempotent)
+    if not torch.equal(spec.decode(encoded, value.shape, value.dtype), value):
         raise ValueError(
             f"{name}: the tensor is not on the {spec.method} {spec.bits}-bit grid of bucket size "
             f"{spec.bucket_size}; pack the quantized (parametrized) model or its training "

@@ -1,0 +1,132 @@
+"""Render benchmarks/REPORT.md and its plots from benchmarks/results/.
+
+python -m benchmarks.report
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks.common import RESULTS
+
+HERE = Path(__file__).resolve().parent
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _cifar_section(lines: list[str]) -> None:
+    rows = [json.loads(p.read_text()) for p in sorted((RESULTS / "cifar").glob("*.json"))]
+    rows = [r for r in rows if "accuracy" in r]
+    if not rows:
+        lines.append("_No CIFAR-10 results yet: run `python -m benchmarks.bench_cifar`._\n")
+        return
+    order = {"teacher": 0, "student_fp32": 1, "student_fp32_distilled": 2}
+    rows.sort(key=lambda r: (order.get(r["name"], 3), r["method"], r["bits"] or 32))
+    by_name = {r["name"]: r for r in rows}
+    teacher_fp32 = by_name.get("teacher", {}).get("fp32_bytes")
+    student_fp32 = by_name.get("student_fp32", {}).get("fp32_bytes")
+    cfg = rows[0]["config"]
+    env = rows[0]["environment"]
+    lines.append(
+        f"Scale: {cfg['train_images']:,} training and {cfg['test_images']:,} test images, "
+        f"{cfg['steps']} steps of batch {cfg['batch_size']}; teacher: 3-block CNN of width "
+        f"{cfg['teacher_width']}, student: 2-block CNN of width {cfg['student_width']}. "
+        f"Machine: {env['processor']}, {env['cpu_count']} cores, torch {env['torch']}, commit "
+        f"`{(env.get('commit') or '')[:10]}`. This is a CPU-scale reproduction: absolute "
+        f"accuracies are far below published CIFAR-10 figures; compare the rows with each other.\n"
+    )
+    lines.append(
+        "| model | method | bits | Acc@1 % | packed bytes | vs fp32 teacher | vs fp32 student |"
+    )
+    lines.append("|---|---|---|---|---|---|---|")
+    for r in rows:
+        size = r["packed_bytes"] or r["fp32_bytes"]
+        vs_t = f"{teacher_fp32 / size:.1f}x" if teacher_fp32 else ""
+        vs_s = f"{student_fp32 / size:.1f}x" if student_fp32 else ""
+        lines.append(
+            f"| {r['name']} | {r['method']} | {r['bits'] or 'fp32'} | {r['accuracy']:.2f} | "
+            f"{size:,} | {vs_t} | {vs_s} |"
+        )
+    lines.append("")
+    _cifar_plot(rows)
+    lines.append("![CIFAR-10 accuracy against file size](cifar_accuracy_vs_bytes.png)\n")
+    cost = _load(RESULTS / "cifar" / "training_cost.json")
+    if cost:
+        lines.append(
+            f"Training cost: one quantized-distillation step takes {cost['ratio']:.2f}x one plain "
+            f"fp32 step of the same student on the same batch (median of "
+            f"{cost['plain_fp32_step']['repeats']}; goal {cost['goal']}).\n"
+        )
+
+
+def _cifar_plot(rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        size = r["packed_bytes"] or r["fp32_bytes"]
+        label = r["name"]
+        marker = "*" if r["name"] == "teacher" else ("s" if r["bits"] is None else "o")
+        ax.scatter(size, r["accuracy"], marker=marker, s=80 if marker == "*" else 40)
+        ax.annotate(
+            label, (size, r["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("file size (bytes, log scale): packed file, or fp32 safetensors")
+    ax.set_ylabel("CIFAR-10 test accuracy (%)")
+    ax.set_title("Accuracy against real file size")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(HERE / "cifar_accuracy_vs_bytes.png", dpi=120)
+    plt.close(fig)
+
+
+def _timing_section(lines: list[str]) -> None:
+    quantizer = _load(RESULTS / "quantizer.json")
+    if quantizer:
+        f, e = quantizer["fused_over_clone"], quantizer["eager_over_clone"]
+        lines.append(
+            f"- `quantize_tensor`, {quantizer['config']['numel']:,} fp32 values, "
+            f"{quantizer['config']['bits']} bits: fused path {f['median']:.2f}x of `clone` "
+            f"(spread {f['min']:.2f}-{f['max']:.2f}), eager path {e['median']:.2f}x; goal 1.5x."
+        )
+    packed = _load(RESULTS / "packed.json")
+    if packed:
+        for label in ("bitpack", "huffman", "ans"):
+            u = packed[f"unpack_{label}_over_load"]
+            p = packed[f"pack_{label}_over_save"]
+            size = packed[f"bytes_{label}"]
+            lines.append(
+                f"- packed file ({label}), {packed['config']['weights'] / 1e6:.1f}M 4-bit weights: "
+                f"{size:,} bytes ({packed['fp32_bytes'] / size:.2f}x "
+                f"smaller than fp32); unpack {u['median']:.2f}x of fp32 `torch.load` "
+                f"({u['min']:.2f}-{u['max']:.2f}), pack {p['median']:.2f}x of `torch.save`."
+            )
+    lines.append("")
+
+
+def main() -> Path:
+    lines = ["# qdistill benchmark report", ""]
+    lines.append(
+        "Generated by `make bench` from `benchmarks/results/*.json`; every figure there "
+        "carries its configuration, versions and machine. Timings are ratios measured "
+        "in the same run (median of repeats, min-max spread).\n"
+    )
+    lines.append("## CIFAR-10\n")
+    _cifar_section(lines)
+    lines.append("## Core speed\n")
+    _timing_section(lines)
+    path = HERE / "REPORT.md"
+    path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+"""`make bench`: every benchmark (cached results are reused), then the report."""
+
+from __future__ import annotations
+
+from benchmarks import bench_cifar, bench_packed, bench_quantizer, report
+
+
+def main() -> None:
+    bench_quantizer.main([])
+    bench_packed.main([])
+    bench_cifar.main([])
+    report.main()
+
+
+if __name__ == "__main__":
+    main()
