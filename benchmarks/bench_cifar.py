@@ -162,7 +162,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 )[0],
             )
         )
-    jobs.append(("qkd_w4a4", "QKD W4A4", 4, lambda: runs.run_qkd(data, cfg, teacher)[0]))
+    jobs.append(
+        ("qkd_w4a4", "QKD W4A4", 4, lambda: runs.run_qkd(data, cfg, teacher, init=distilled)[0])
+    )
 
     results = []
     for name, method, bits, make in jobs:

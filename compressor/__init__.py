@@ -71,3 +71,55 @@ from compressor.packed import (  # noqa: E402
 )
 
 __all__ += ["PackedFormatError", "load_packed", "packed_info", "save_packed"]
+
+from compressor.activations import activation_quantizers, insert_activation_quantizers  # noqa: E402
+from compressor.bit_allocation import (  # noqa: E402
+    allocate_bits,
+    effective_bits,
+    share_points,
+    weight_importance,
+)
+from compressor.differentiable import (  # noqa: E402
+    DifferentiableQuantizer,
+    constrain_points_,
+    differentiable_quantization,
+    freeze_shadow_weights_,
+    keep_points_constrained,
+    point_parameters,
+)
+from compressor.distillation import distillation_loss  # noqa: E402
+from compressor.lsq import LsqActivationQuantizer, LsqWeightQuantizer, lsq_quantize  # noqa: E402
+from compressor.qkd import QKDSchedule, qkd_train  # noqa: E402
+from compressor.training import (  # noqa: E402
+    DistillConfig,
+    distill_step,
+    finish_,
+    freeze_,
+    quantized_distillation,
+)
+
+__all__ += [
+    "DifferentiableQuantizer",
+    "DistillConfig",
+    "LsqActivationQuantizer",
+    "LsqWeightQuantizer",
+    "QKDSchedule",
+    "activation_quantizers",
+    "allocate_bits",
+    "constrain_points_",
+    "differentiable_quantization",
+    "distill_step",
+    "distillation_loss",
+    "effective_bits",
+    "finish_",
+    "freeze_",
+    "freeze_shadow_weights_",
+    "insert_activation_quantizers",
+    "keep_points_constrained",
+    "lsq_quantize",
+    "point_parameters",
+    "qkd_train",
+    "quantized_distillation",
+    "share_points",
+    "weight_importance",
+]

@@ -20,6 +20,8 @@ from compressor.api import cached, materialize_
 from compressor.distillation import check_distillation_settings, distillation_loss
 
 Forward = Callable[[nn.Module, Any], torch.Tensor]
+# loss_fn(student_logits, teacher_logits or None, target) -> scalar loss to back-propagate
+LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
 
 
 def _default_forward(model: nn.Module, inputs: Any) -> torch.Tensor:
@@ -56,30 +58,36 @@ def distill_step(
     optimizer: torch.optim.Optimizer,
     config: DistillConfig,
     forward: Forward = _default_forward,
+    loss_fn: LossFn | None = None,
 ) -> dict[str, float]:
     """One step of Algorithm 1: forward the quantized student and the frozen teacher on the
     same batch, back-propagate the distillation loss to the shadow weights, update them.
 
     Returns the loss and its distillation term ``T^2 * KL`` (mean per counted position).
     Without a teacher (``teacher=None``) this is plain quantization-aware training on the
-    labels.
+    labels. ``loss_fn(student_logits, teacher_logits, target)`` replaces the default loss
+    (:func:`distillation_loss` with ``config``; cross-entropy without a teacher), e.g. for a
+    summed, token-normalised loss.
     """
-    if teacher is None and target is None:
+    if teacher is None and target is None and loss_fn is None:
         raise ValueError("without a teacher, distill_step needs labels (target is None)")
     student.train()
     optimizer.zero_grad(set_to_none=True)
     with cached():  # quantize each weight once per step, however often the model reads it
         student_logits = forward(student, inputs)
-        if teacher is None:
+        teacher_logits = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = forward(teacher, inputs)
+        if loss_fn is not None:
+            loss = loss_fn(student_logits, teacher_logits, target)
+        elif teacher is None:
             loss = nn.functional.cross_entropy(
                 student_logits.reshape(-1, student_logits.shape[-1]).float(),
                 target.reshape(-1),
                 ignore_index=config.ignore_index,
             )
-            soft = float("nan")
         else:
-            with torch.no_grad():
-                teacher_logits = forward(teacher, inputs)
             loss = distillation_loss(
                 student_logits,
                 teacher_logits,
@@ -88,6 +96,8 @@ def distill_step(
                 config.alpha,
                 config.ignore_index,
             )
+        soft = float("nan")
+        if teacher_logits is not None:
             with torch.no_grad():
                 soft = float(
                     distillation_loss(
@@ -120,9 +130,11 @@ def quantized_distillation(
     forward: Forward = _default_forward,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    loss_fn: LossFn | None = None,
 ) -> list[dict[str, float]]:
     """Run Algorithm 1 for ``steps`` steps over ``(inputs, target)`` batches (repeated as
-    needed) and return the per-step history. Call :func:`finish_` afterwards to quantize the
+    needed) and return the per-step history (``loss``, ``distillation``); ``on_step(step,
+    record)`` can log progress or save checkpoints. Call :func:`finish_` afterwards to quantize the
     student once more and keep only the quantized weights."""
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
@@ -130,7 +142,7 @@ def quantized_distillation(
         freeze_(teacher)
     history = []
     for step, (inputs, target) in zip(range(steps), cycle(batches)):
-        record = distill_step(student, teacher, inputs, target, optimizer, config, forward)
+        record = distill_step(student, teacher, inputs, target, optimizer, config, forward, loss_fn)
         if scheduler is not None:
             scheduler.step()
         history.append(record)

@@ -185,16 +185,25 @@ def run_differentiable_quantization(
 
 
 def run_qkd(
-    data: dict, cfg: SmallRunConfig, teacher: nn.Module, bits: int = 4, act_bits: int = 4
+    data: dict,
+    cfg: SmallRunConfig,
+    teacher: nn.Module,
+    init: nn.Module | None = None,
+    bits: int = 4,
+    act_bits: int = 4,
 ) -> tuple[nn.Module, list[dict]]:
-    """QKD W{bits}A{act_bits}: the three phases, a third of the steps each."""
-    model = student(cfg)
+    """QKD W{bits}A{act_bits}: the three phases, a third of the steps each, on a copy of the
+    teacher. As in QKD, the student starts from a trained full-precision model (``init``) and
+    is fine-tuned at a fifth of the learning rate; without ``init`` it starts from scratch."""
+    model = copy.deepcopy(init) if init is not None else student(cfg)
     compressor.quantize_(model, compressor.QuantConfig(bits=bits, method="lsq", act_bits=act_bits))
-    model(data["train_x"][: cfg.batch_size])  # initialise the activation steps from a batch
+    with torch.no_grad():  # initialise the activation steps from a batch
+        model(data["train_x"][: cfg.batch_size])
     teacher = copy.deepcopy(teacher)
     third = cfg.steps // 3
     schedule = QKDSchedule(third, third, cfg.steps - 2 * third, cfg.temperature, cfg.alpha)
-    student_opt, _ = _optimizer(model, cfg, cfg.steps)
+    lr = cfg.lr / 5 if init is not None else cfg.lr
+    student_opt, _ = _optimizer(model, replace(cfg, lr=lr), cfg.steps)
     teacher_opt = torch.optim.SGD(teacher.parameters(), lr=cfg.lr / 10, momentum=0.9)
     history = qkd_train(
         model, teacher, batches(data, cfg.batch_size, cfg.seed), schedule, student_opt, teacher_opt
@@ -220,7 +229,7 @@ def run_all(cfg: SmallRunConfig, root: Path | None = None) -> dict[str, float]:
     for bits in (2, 4):
         model, _ = run_differentiable_quantization(data, cfg, teacher, distilled, bits)
         results[f"differentiable quantization {bits}-bit"] = accuracy(model, data)
-    results["QKD W4A4"] = accuracy(run_qkd(data, cfg, teacher)[0], data)
+    results["QKD W4A4"] = accuracy(run_qkd(data, cfg, teacher, init=plain)[0], data)
     return results
 
 

@@ -227,3 +227,28 @@ def test_distill_step_reports_the_distillation_term_and_custom_forward():
         quantized_distillation(
             student, teacher, _data(1), torch.optim.SGD(student.parameters(), 0.1), -1
         )
+
+
+def test_custom_loss_fn_is_back_propagated():
+    """A plugin's own loss (here a summed one) replaces the default; the step uses its gradient."""
+    teacher = _mlp(0)
+    student = compressor.quantize_(_mlp(1), compressor.QuantConfig(bits=4))
+    twin = copy.deepcopy(student.state_dict())
+    seen = []
+
+    def summed(student_logits, teacher_logits, target):
+        seen.append(teacher_logits is not None and not teacher_logits.requires_grad)
+        return distillation_loss(student_logits, teacher_logits, target, 1.0, 0.5, reduction="sum")
+
+    x, y = _data(1)[0]
+    opt = torch.optim.SGD(student.parameters(), lr=0.01)
+    record = distill_step(student, teacher, x, y, opt, DistillConfig(), loss_fn=summed)
+    assert seen == [True]
+    reference = compressor.quantize_(_mlp(1), compressor.QuantConfig(bits=4))
+    reference.load_state_dict(twin)
+    loss = distillation_loss(reference(x), teacher(x), y, 1.0, 0.5, reduction="sum")
+    assert record["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    loss.backward()
+    with torch.no_grad():
+        for (name, p), q in zip(reference.named_parameters(), student.parameters()):
+            torch.testing.assert_close(q, p - 0.01 * p.grad, msg=name)

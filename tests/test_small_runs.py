@@ -1,0 +1,88 @@
+"""Every method once on real CIFAR-10 images: a tiny CNN, a few thousand images, 200 steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import data_path
+
+import compressor
+import compressor.activations
+from recipes import small_runs
+
+CONFIG = small_runs.SmallRunConfig(train_images=3000, test_images=1000, steps=200)
+CHANCE = 10.0
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.set_num_threads(1)
+    root = data_path("cifar10").parent
+    data = small_runs.load_cifar10(root, CONFIG.train_images, CONFIG.test_images)
+    teacher = small_runs.train_teacher(data, CONFIG)
+    distilled = small_runs.run_fp32_student(data, CONFIG, teacher)
+    return data, teacher, distilled
+
+
+def _on_grid(model):
+    """Uniform: re-quantizing changes nothing. Non-uniform (not idempotent: the bucket range
+    shrinks): each bucket holds at most as many distinct values as there are points."""
+    for name, spec in compressor.quantization_specs(model).items():
+        weight = model.state_dict()[name]
+        if spec.method == "uniform":
+            assert torch.equal(spec.quantize(weight), weight), name
+        else:
+            for bucket in weight.reshape(-1).split(spec.bucket_size):
+                assert bucket.unique().numel() <= spec.num_levels, name
+
+
+def test_teacher_and_post_training_quantization(trained):
+    data, teacher, distilled = trained
+    assert small_runs.accuracy(teacher, data) > 3 * CHANCE
+    assert small_runs.accuracy(distilled, data) > 3 * CHANCE
+    pm = small_runs.run_post_training(distilled, bits=4)
+    _on_grid(pm)
+    assert small_runs.accuracy(pm, data) > 2.5 * CHANCE
+
+
+def test_quantized_distillation_4bit(trained):
+    data, teacher, _ = trained
+    model, history = small_runs.run_quantized_distillation(data, CONFIG, teacher, bits=4)
+    first = sum(r["distillation"] for r in history[:20]) / 20
+    last = sum(r["distillation"] for r in history[-20:]) / 20
+    assert last < 0.6 * first, (first, last)
+    assert small_runs.accuracy(model, data) > 3 * CHANCE
+    _on_grid(model)
+    assert all(s.bits == 4 for s in compressor.quantization_specs(model).values())
+
+
+def test_differentiable_quantization_with_bit_allocation(trained):
+    data, teacher, distilled = trained
+    model, points = small_runs.run_differentiable_quantization(
+        data, CONFIG, teacher, distilled, bits=4
+    )
+    assert sum(points.values()) == 16 * len(points) and min(points.values()) >= 8
+    specs = compressor.quantization_specs(model)
+    assert {n: s.num_levels for n, s in specs.items()} == points
+    _on_grid(model)
+    assert small_runs.accuracy(model, data) > 3 * CHANCE
+
+
+def test_qkd_w4a4(trained):
+    data, teacher, distilled = trained
+    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    model, history = small_runs.run_qkd(data, CONFIG, teacher, init=distilled)
+    assert {r["phase"] for r in history} == {"self-studying", "co-studying", "tutoring"}
+    assert len(compressor.activations.activation_quantizers(model)) == 3  # still W4A4
+    assert small_runs.accuracy(model, data) > 3 * CHANCE
+    for key, value in teacher.state_dict().items():  # the run trains a copy of the teacher
+        assert torch.equal(value, teacher_state[key])
+
+
+def test_runs_are_deterministic(trained):
+    data, teacher, _ = trained
+    cfg = small_runs.SmallRunConfig(steps=15)
+    a, _ = small_runs.run_quantized_distillation(data, cfg, teacher, bits=2)
+    b, _ = small_runs.run_quantized_distillation(data, cfg, teacher, bits=2)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
