@@ -15,12 +15,19 @@ from torch import nn
 
 import compressor
 from benchmarks.common import ratio, timings, write_result
+from compressor.packed import packed_summary
 
 
 def build_model(params: int, width: int = 2048) -> nn.Sequential:
-    """Square bias-free linear layers of ``width`` adding up to about ``params`` weights."""
+    """Square bias-free linear layers of ``width`` adding up to about ``params`` weights, with
+    heavy-tailed weights like trained ones (Student-t, 5 degrees of freedom): the uniform
+    initialisation would leave entropy coding nothing to gain."""
     layers = max(1, round(params / (width * width)))
-    return nn.Sequential(*[nn.Linear(width, width, bias=False) for _ in range(layers)])
+    model = nn.Sequential(*[nn.Linear(width, width, bias=False) for _ in range(layers)])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.distributions.StudentT(5.0).sample(p.shape) * 0.02)
+    return model
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -57,6 +64,12 @@ def main(argv: list[str] | None = None) -> dict:
                 lambda: compressor.load_packed(packed), args.repeats
             )
             result[f"bytes_{label}"] = packed.stat().st_size
+            for coder in packed_summary(packed)[1]:
+                result[f"coder_{label}"] = {
+                    "mean_bits_per_weight": coder.mean_bits,
+                    "entropy_bits_per_weight": coder.entropy_bits,
+                    "gap": coder.mean_bits - coder.entropy_bits,
+                }
             state, _ = compressor.load_packed(packed)
             assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
             result[f"pack_{label}_over_save"] = ratio(result[f"pack_{label}"], result["torch_save"])
@@ -75,6 +88,12 @@ def main(argv: list[str] | None = None) -> dict:
             f"{result['fp32_bytes'] / result[f'bytes_{label}']:.2f}x | "
             f"{p['median']:.2f} ({p['min']:.2f}-{p['max']:.2f}) | "
             f"{u['median']:.2f} ({u['min']:.2f}-{u['max']:.2f}) |"
+        )
+    for label in ("huffman", "ans"):
+        c = result[f"coder_{label}"]
+        print(
+            f"{label}: {c['mean_bits_per_weight']:.4f} bits/weight, entropy "
+            f"{c['entropy_bits_per_weight']:.4f} (gap {c['gap']:.4f})"
         )
     print(f"wrote {path}")
     return result

@@ -1,10 +1,12 @@
 """Packed model files: quantized tensors stored as their codes, really small on disk.
 
 The container is safetensors (no pickle anywhere on the load path). A quantized tensor ``w``
-is stored as ``w::codes`` (bit-packed at its bit width, or entropy coded), ``w::offset`` and
-``w::scale`` (fp32, one per bucket); any other tensor is stored as it is. The metadata holds
-the format version, each tensor's shape, dtype and :class:`QuantSpec`, the entropy coders'
-histograms, a SHA-256 of the payload, and the user's metadata.
+is stored as ``w::offset`` and ``w::scale`` (fp32, one per bucket) plus its codes: either
+``w::codes``, bit-packed at its bit width, or its share of one entropy-coded stream pooled over
+every tensor with the same number of levels (``::<levels>::stream``, Huffman or rANS under one
+histogram). Any other tensor is stored as it is; tied tensors once. The metadata holds the
+format version, each tensor's shape, dtype and :class:`QuantSpec`, the coders' tables, a
+SHA-256 over the metadata and every payload byte, and the user's metadata.
 
 Loading validates every declared size against the bytes present before allocating, so a
 truncated, corrupted or hostile file raises :class:`PackedFormatError` instead of crashing,
@@ -26,17 +28,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor import coding
+from compressor import bitpack, entropy
 from compressor.api import materialized_codes, quantization_specs, quantized_tensors
 from compressor.quantizers import BucketCodes
 from compressor.spec import QuantSpec
 
 FORMAT = "qdistill-packed"
-VERSION = 1
+VERSION = 2
 ENTROPY_CODERS = (None, "huffman", "ans")
 _SEP = "::"
 # An rANS stream may not claim more than this many weights per stored bit.
 _MAX_WEIGHTS_PER_BIT = 256
+# ... beyond this many weights, which any stream may hold (4 MB of fp32 at most).
+_ANS_FREE_SYMBOLS = 1 << 20
+_MAX_DIM = 2**40
 
 _DTYPES = {
     "float32": torch.float32,
@@ -58,9 +63,24 @@ class PackedTensorInfo:
     shape: tuple[int, ...]
     dtype: str
     spec: QuantSpec | None
-    coding: str  # "raw", "bitpack", "huffman" or "ans"
+    coding: str  # "raw", "bitpack", "huffman", "ans" or "tied to <name>"
     stored_bytes: int
     code_bits: float | None  # mean bits per weight of the codes (None for raw tensors)
+
+
+@dataclass(frozen=True)
+class PackedCoderInfo:
+    """One entropy coder of a packed file: its pooled index statistics."""
+
+    levels: int
+    kind: str
+    symbols: int
+    stream_bytes: int  # the coded stream plus its chunk table
+    entropy_bits: float  # empirical entropy of the pooled indices, bits per weight
+
+    @property
+    def mean_bits(self) -> float:
+        return 8 * self.stream_bytes / self.symbols if self.symbols else 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,8 +104,11 @@ def _tensors_and_specs(
             with torch.no_grad():
                 encoded[name] = quantizer.encode(module.parametrizations[tensor_name].original)
         return tensors, {**found, **(specs or {})}, encoded
-    tensors = dict(model_or_state_dict)
-    return tensors, dict(specs or {}), {}
+    if not isinstance(model_or_state_dict, Mapping):
+        raise TypeError(
+            f"save_packed takes a model or a state dict, got {type(model_or_state_dict).__name__}"
+        )
+    return dict(model_or_state_dict), dict(specs or {}), {}
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
@@ -96,25 +119,40 @@ def _json(value: object) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
-def _checksum(payload: Mapping[str, np.ndarray]) -> str:
+def _checksum(header: Mapping[str, str], payload: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over every metadata field but the checksum, and every payload tensor."""
     digest = hashlib.sha256()
+    for key in sorted(header):
+        if key != "checksum":
+            digest.update(f"{len(key)}:{key}{len(header[key])}:".encode())
+            digest.update(header[key].encode())
     for key in sorted(payload):
-        digest.update(key.encode())
-        digest.update(np.ascontiguousarray(payload[key]).view(np.uint8).tobytes())
+        array = np.ascontiguousarray(payload[key])
+        digest.update(f"{len(key)}:{key}{array.dtype.str}{array.shape}".encode())
+        digest.update(memoryview(array.reshape(-1).view(np.uint8)))
     return digest.hexdigest()
 
 
 def _encode_checked(name: str, value: torch.Tensor, spec: QuantSpec, given) -> BucketCodes:  # noqa: ANN001
-    if given is not None and torch.equal(spec.decode(given, value.shape, value.dtype), value):
-        return given
-    encoded = spec.encode(value)  # exact for uniform grids (re-quantizing is idempotent)
-    if not torch.equal(spec.decode(encoded, value.shape, value.dtype), value):
+    """Codes for ``value``, verified to decode to exactly its bits."""
+    encoded = given if given is not None else spec.encode(value)
+    decoded = spec.decode(encoded, value.shape, value.dtype)
+    if not torch.equal(decoded, value):
+        how = (
+            "pack the quantized (parametrized) model or its training checkpoint with shadow "
+            "weights instead"
+            if spec.method == "nonuniform"
+            else "quantize it first (spec.quantize) or pack the quantized model"
+        )
         raise ValueError(
             f"{name}: the tensor is not on the {spec.method} {spec.bits}-bit grid of bucket size "
-            f"{spec.bucket_size}; pack the quantized (parametrized) model or its training "
-            f"checkpoint with shadow weights instead"
+            f"{spec.bucket_size}; {how}"
         )
     return encoded
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def save_packed(
@@ -127,18 +165,24 @@ def save_packed(
     """Write a packed model file; returns its size in bytes.
 
     Args:
-        model_or_state_dict: a quantized model (parametrized or materialized) or a state dict.
+        model_or_state_dict: a quantized model (parametrized: codes come from the shadow
+            weights; or materialized: values are re-encoded and verified bit for bit) or a
+            state dict.
         path: where to write; the file appears there complete or not at all.
         metadata: JSON-serialisable data stored alongside (architecture, vocabulary, ...).
-        specs: ``{name: QuantSpec}`` for quantized tensors of a plain state dict (for a model
-            they are read from it).
+        specs: ``{name: QuantSpec}`` for the quantized tensors of a plain state dict (a
+            model's own are read from it).
         entropy: None (codes bit-packed at their width), "huffman" (the paper's code over the
             pooled histogram) or "ans" (rANS, at the entropy bound; needs ``constriction``).
     """
     if entropy not in ENTROPY_CODERS:
         raise ValueError(f"entropy must be one of {ENTROPY_CODERS}, got {entropy!r}")
-    if entropy == "ans" and not coding.ans_available():
+    if entropy == "ans" and not entropy_ans_available():
         raise ValueError("entropy='ans' needs the 'constriction' package: pip install constriction")
+    try:
+        user = _json(dict(metadata or {}))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"metadata must be JSON-serialisable ({exc})") from None
     tensors, specs, given_codes = _tensors_and_specs(model_or_state_dict, specs)
     unknown = sorted(set(specs) - set(tensors))
     if unknown:
@@ -147,10 +191,10 @@ def save_packed(
     payload: dict[str, np.ndarray] = {}
     entries: dict[str, dict] = {}
     first_of_storage: dict[tuple, str] = {}
-    all_codes: dict[str, tuple[np.ndarray, int]] = {}
+    all_codes: dict[str, np.ndarray] = {}
     for name, value in tensors.items():
-        if _SEP in name:
-            raise ValueError(f"tensor name {name!r} contains {_SEP!r}, which the format reserves")
+        if not isinstance(name, str) or not name or _SEP in name:
+            raise ValueError(f"tensor name {name!r} is empty or contains {_SEP!r} (reserved)")
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{name}: only tensors can be packed, got {type(value).__name__}")
         value = value.detach().cpu()
@@ -161,20 +205,21 @@ def save_packed(
         first_of_storage[key] = name
         spec = specs.get(name)
         if spec is None:
-            payload[name] = value.contiguous().numpy() if value.dtype != torch.bfloat16 else None
             if value.dtype == torch.bfloat16:  # numpy has no bfloat16: keep its bits
                 payload[name] = value.contiguous().view(torch.int16).numpy()
-            entries[name] = {"raw": str(value.dtype).removeprefix("torch.")}
+            else:
+                payload[name] = value.contiguous().numpy()
+            entries[name] = {"raw": _dtype_name(value.dtype)}
             continue
-        if str(value.dtype).removeprefix("torch.") not in _DTYPES:
+        if _dtype_name(value.dtype) not in _DTYPES:
             raise ValueError(f"{name}: quantized tensors must be floating point, got {value.dtype}")
         encoded = _encode_checked(name, value, spec, given_codes.get(name))
-        payload[f"{name}{_SEP}offset"] = encoded.offset.numpy()
-        payload[f"{name}{_SEP}scale"] = encoded.scale.numpy()
-        all_codes[name] = (encoded.codes.numpy(), spec.num_levels)
+        payload[f"{name}{_SEP}offset"] = encoded.offset.contiguous().numpy()
+        payload[f"{name}{_SEP}scale"] = encoded.scale.contiguous().numpy()
+        all_codes[name] = encoded.codes.contiguous().numpy().astype(np.uint8, copy=False)
         entries[name] = {
             "shape": list(value.shape),
-            "dtype": str(value.dtype).removeprefix("torch."),
+            "dtype": _dtype_name(value.dtype),
             "spec": spec.to_dict(),
         }
 
@@ -184,48 +229,66 @@ def save_packed(
         "version": str(VERSION),
         "tensors": _json(entries),
         "coders": _json(coders),
-        "user": _json(dict(metadata or {})),
-        "checksum": _checksum(payload),
+        "user": user,
     }
+    header["checksum"] = _checksum(header, payload)
     return _write_atomic(path, payload, header)
 
 
+def entropy_ans_available() -> bool:
+    """Whether rANS coding (``entropy="ans"``) can be used here."""
+    return entropy.ans_available()
+
+
 def _store_codes(
-    all_codes: dict[str, tuple[np.ndarray, int]],
+    all_codes: dict[str, np.ndarray],
     specs: Mapping[str, QuantSpec],
     payload: dict[str, np.ndarray],
     entries: dict[str, dict],
-    entropy: str | None,
+    coder_kind: str | None,
 ) -> dict[str, dict]:
-    """Bit-pack or entropy-code every tensor's codes; one histogram per alphabet size."""
-    coders: dict[str, dict] = {}
-    if entropy is not None:
-        histograms: dict[int, np.ndarray] = {}
-        for codes, levels in all_codes.values():
-            hist = histograms.setdefault(levels, np.zeros(levels, dtype=np.int64))
-            hist += np.bincount(codes, minlength=levels)[:levels]
-        for levels, hist in histograms.items():
-            if entropy == "huffman":
-                coders[str(levels)] = {
-                    "kind": "huffman",
-                    "lengths": coding.huffman_lengths(hist).tolist(),
-                }
-            else:
-                coders[str(levels)] = {"kind": "ans", "counts": hist.tolist()}
-    for name, (codes, levels) in all_codes.items():
-        coder = coders.get(str(levels))
-        if coder is None:
-            payload[f"{name}{_SEP}codes"] = coding.pack_bits(codes, specs[name].bits)
+    """Bit-pack every tensor's codes, or entropy-code them pooled by alphabet size."""
+    groups: dict[int, list[str]] = {}
+    for name in sorted(all_codes):
+        if coder_kind is None or not all_codes[name].size:  # empty tensors: 0 bytes either way
+            payload[f"{name}{_SEP}codes"] = bitpack.pack_bits(all_codes[name], specs[name].bits)
             entries[name]["coding"] = "bitpack"
-        elif coder["kind"] == "huffman":
-            data, chunks = coding.huffman_encode(codes, np.asarray(coder["lengths"]))
-            payload[f"{name}{_SEP}codes"] = data
-            payload[f"{name}{_SEP}chunks"] = chunks
-            entries[name]["coding"] = "huffman"
         else:
-            payload[f"{name}{_SEP}codes"] = coding.ans_encode(codes, np.asarray(coder["counts"]))
-            entries[name]["coding"] = "ans"
-        entries[name]["coder"] = str(levels)
+            groups.setdefault(specs[name].num_levels, []).append(name)
+    coders: dict[str, dict] = {}
+    for levels, names in groups.items():
+        symbols = np.concatenate([all_codes[n] for n in names])
+        hist = np.bincount(symbols, minlength=levels)[:levels]
+        key = str(levels)
+        coder: dict = {
+            "kind": coder_kind,
+            "tensors": names,
+            "symbols": int(symbols.size),
+            "counts": hist.tolist(),
+        }
+        kind = coder_kind
+        if kind == "ans" and np.count_nonzero(hist) < 2:
+            # A single symbol costs rANS almost nothing: too little data for the loader's
+            # bound on weights per stored bit. Huffman spends one bit each.
+            kind = "huffman"
+        coder["kind"] = kind
+        if kind == "huffman":
+            lengths = entropy.huffman_lengths(hist)
+            stream, chunks = entropy.huffman_encode(symbols, lengths)
+            payload[f"{_SEP}{key}{_SEP}chunks"] = chunks
+            coder.update(lengths=lengths.tolist(), chunk=entropy.HUFFMAN_CHUNK)
+            code_length = lengths
+        else:
+            stream = entropy.ans_encode(symbols, hist)
+            code_length = -np.log2(np.maximum(hist, 1) / max(int(hist.sum()), 1))
+        payload[f"{_SEP}{key}{_SEP}stream"] = stream
+        coders[key] = coder
+        for name in names:
+            entries[name]["coding"] = kind
+            entries[name]["coder"] = key
+            # This tensor's share of the stream, for reports (whole bits, or ideal for rANS).
+            share = np.bincount(all_codes[name], minlength=levels)[:levels] @ code_length
+            entries[name]["code_bits"] = int(round(float(share)))
     return coders
 
 
@@ -234,7 +297,7 @@ def _write_atomic(path: str | os.PathLike, payload: dict[str, np.ndarray], heade
 
     path = Path(path)
     data = save(payload, metadata=header)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -251,25 +314,26 @@ def _write_atomic(path: str | os.PathLike, payload: dict[str, np.ndarray], heade
 # Loading.
 
 
-def _read(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str], int]:
+def _read(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The payload and metadata of a safetensors file, checked by safetensors itself (every
+    tensor's bytes inside the file) before anything is allocated from it."""
     from safetensors.numpy import load
 
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"no such file: {path}") from None
+    except IsADirectoryError:
+        raise PackedFormatError(f"{path}: is a directory, not a packed file") from None
     try:
         payload = load(data)
-    except Exception as exc:  # safetensors reports malformed headers in its own error type
+        header_len = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+    except Exception as exc:  # safetensors reports malformed files in its own error types
         raise PackedFormatError(f"{path}: not a safetensors file ({exc})") from None
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="numpy") as f:
-            header = f.metadata() or {}
-    except Exception as exc:
-        raise PackedFormatError(f"{path}: unreadable safetensors metadata ({exc})") from None
-    return payload, header, len(data)
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise PackedFormatError(f"{path}: damaged safetensors metadata")
+    return payload, metadata
 
 
 def _parse_header(path: object, header: Mapping[str, str]) -> tuple[dict, dict, dict]:
@@ -283,149 +347,197 @@ def _parse_header(path: object, header: Mapping[str, str]) -> tuple[dict, dict, 
         entries = json.loads(header["tensors"])
         coders = json.loads(header["coders"])
         user = json.loads(header["user"])
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError, RecursionError) as exc:
         raise PackedFormatError(f"{path}: damaged metadata ({exc})") from None
     if not all(isinstance(x, dict) for x in (entries, coders, user)):
         raise PackedFormatError(f"{path}: damaged metadata (wrong types)")
+    if not all(isinstance(e, dict) for e in entries.values()):
+        raise PackedFormatError(f"{path}: damaged metadata (tensor entries)")
     return entries, coders, user
 
 
-def _shape(path: object, name: str, entry: dict) -> tuple[int, ...]:
+def _int(value: object, what: str, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise PackedFormatError(f"{what} must be an integer from {low} to {high}, got {value!r}")
+    return value
+
+
+def _shape(name: str, entry: dict) -> tuple[int, ...]:
     shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape
-    ):
-        raise PackedFormatError(f"{path}: {name}: invalid shape {shape!r}")
-    return tuple(shape)
+    if not isinstance(shape, list) or len(shape) > 16:
+        raise PackedFormatError(f"{name}: invalid shape {shape!r}")
+    return tuple(_int(d, f"{name}: shape", 0, _MAX_DIM) for d in shape)
 
 
-def _array(path: object, payload: Mapping[str, np.ndarray], key: str, dtype: type) -> np.ndarray:
+def _array(payload: Mapping[str, np.ndarray], key: str, dtype: type) -> np.ndarray:
     if key not in payload:
-        raise PackedFormatError(f"{path}: missing tensor {key!r}")
+        raise PackedFormatError(f"missing tensor {key!r}")
     array = payload[key]
     if array.dtype != dtype or array.ndim != 1:
-        raise PackedFormatError(f"{path}: {key} must be 1-D {np.dtype(dtype).name}")
+        raise PackedFormatError(f"{key} must be 1-D {np.dtype(dtype).name}")
     return array
 
 
-def _decode_codes(
-    path: object,
-    name: str,
-    entry: dict,
-    coders: dict,
-    payload: Mapping,
-    numel: int,
-    spec: QuantSpec,
-) -> np.ndarray:
-    kind = entry.get("coding")
-    stored = payload.get(f"{name}{_SEP}codes")
-    if kind == "bitpack":
-        data = _array(path, payload, f"{name}{_SEP}codes", np.uint8)
-        codes = coding.unpack_bits(data, spec.bits, numel)
-    else:
-        coder = coders.get(str(entry.get("coder")))
-        if not isinstance(coder, dict) or coder.get("kind") != kind:
-            raise PackedFormatError(f"{path}: {name}: missing or mismatched {kind!r} coder")
+def _spec(name: str, entry: dict) -> QuantSpec:
+    try:
+        spec = QuantSpec.from_dict(entry["spec"])
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+        raise PackedFormatError(f"{name}: invalid quantization spec ({exc})") from None
+    if spec.points is not None and not all(0.0 <= p <= 1.0 for p in spec.points):
+        raise PackedFormatError(f"{name}: quantization points outside [0, 1]")
+    return spec
+
+
+def _decode_pooled(
+    key: str, coder: dict, entries: dict, payload: Mapping, declared: dict[str, tuple]
+) -> dict[str, np.ndarray]:
+    """Decode one pooled entropy-coded stream and cut it into its tensors' codes."""
+    names = coder.get("tensors")
+    if not isinstance(names, list) or not names or len(set(map(str, names))) != len(names):
+        raise PackedFormatError(f"coder {key}: invalid tensor list")
+    for name in names:
+        entry = entries.get(name)
+        if not isinstance(entry, dict) or entry.get("coder") != key or name not in declared:
+            raise PackedFormatError(f"coder {key}: lists {name!r}, which does not use it")
+    alphabet = int(key)
+    if {declared[n][1].num_levels for n in names} != {alphabet}:
+        raise PackedFormatError(f"coder {key}: tensors with another number of levels")
+    count = sum(math.prod(declared[n][0]) for n in names)
+    if coder.get("symbols") != count:
+        raise PackedFormatError(
+            f"coder {key}: {coder.get('symbols')!r} symbols, tensors hold {count}"
+        )
+    kind = coder.get("kind")
+    try:
         if kind == "huffman":
-            data = _array(path, payload, f"{name}{_SEP}codes", np.uint8)
-            lengths = np.asarray(coder.get("lengths"), dtype=np.int64)
-            if lengths.shape != (spec.num_levels,):
-                raise PackedFormatError(f"{path}: {name}: Huffman table has the wrong size")
-            if numel > 8 * data.size:
-                raise PackedFormatError(f"{path}: {name}: {numel} weights in {data.size} bytes")
-            chunks = _array(path, payload, f"{name}{_SEP}chunks", np.uint32)
-            codes = coding.huffman_decode(data, chunks, lengths, numel)
+            stream = _array(payload, f"{_SEP}{key}{_SEP}stream", np.uint8)
+            chunks = _array(payload, f"{_SEP}{key}{_SEP}chunks", np.uint32)
+            lengths = entropy.check_lengths(np.asarray(coder.get("lengths")), alphabet)
+            chunk = _int(coder.get("chunk"), f"coder {key}: chunk", 1, 1 << 16)
+            if count > 8 * stream.size:
+                raise PackedFormatError(f"coder {key}: {count} weights in {stream.size} bytes")
+            symbols = entropy.huffman_decode(stream, chunks, lengths, count, chunk)
         elif kind == "ans":
-            if not coding.ans_available():
-                raise PackedFormatError(f"{path}: rANS-coded; install 'constriction' to read it")
-            words = _array(path, payload, f"{name}{_SEP}codes", np.uint32)
-            counts = np.asarray(coder.get("counts"), dtype=np.int64)
-            if counts.shape != (spec.num_levels,) or counts.min(initial=0) < 0 or not counts.sum():
-                raise PackedFormatError(f"{path}: {name}: invalid rANS histogram")
-            if numel > _MAX_WEIGHTS_PER_BIT * 32 * max(words.size, 1):
-                raise PackedFormatError(f"{path}: {name}: {numel} weights in {words.size} words")
-            codes = coding.ans_decode(words, counts, numel)
+            if not entropy.ans_available():
+                raise PackedFormatError("the file is rANS-coded; install 'constriction' to read it")
+            words = _array(payload, f"{_SEP}{key}{_SEP}stream", np.uint32)
+            counts = np.asarray(coder.get("counts"))
+            if (
+                counts.shape != (alphabet,)
+                or counts.dtype.kind not in "iu"
+                or counts.min() < 0
+                or not counts.sum()
+            ):
+                raise PackedFormatError(f"coder {key}: invalid rANS histogram")
+            if count > max(_MAX_WEIGHTS_PER_BIT * 32 * words.size, _ANS_FREE_SYMBOLS):
+                raise PackedFormatError(f"coder {key}: {count} weights in {words.size} words")
+            symbols = entropy.ans_decode(words, counts, count)
         else:
-            raise PackedFormatError(f"{path}: {name}: unknown coding {kind!r}")
-    del stored
-    if codes.size and int(codes.max()) >= spec.num_levels:
-        raise PackedFormatError(f"{path}: {name}: a code exceeds the {spec.num_levels} levels")
-    return codes
+            raise PackedFormatError(f"coder {key}: unknown kind {kind!r}")
+    except entropy.CodingError as exc:
+        raise PackedFormatError(f"coder {key}: {exc}") from None
+    out, start = {}, 0
+    for name in names:
+        numel = math.prod(declared[name][0])
+        out[name] = symbols[start : start + numel]
+        start += numel
+    return out
 
 
 def _quantized_tensor(
-    path: object, name: str, entry: dict, coders: dict, payload: Mapping
+    name: str, entry: dict, spec: QuantSpec, shape: tuple, payload: Mapping, pooled: Mapping
 ) -> torch.Tensor:
-    shape = _shape(path, name, entry)
     numel = math.prod(shape)
     dtype = _DTYPES.get(entry.get("dtype"))
     if dtype is None:
-        raise PackedFormatError(f"{path}: {name}: unsupported dtype {entry.get('dtype')!r}")
-    try:
-        spec = QuantSpec.from_dict(entry["spec"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PackedFormatError(f"{path}: {name}: invalid quantization spec ({exc})") from None
-    offset = _array(path, payload, f"{name}{_SEP}offset", np.float32)
-    scale = _array(path, payload, f"{name}{_SEP}scale", np.float32)
+        raise PackedFormatError(f"{name}: unsupported dtype {entry.get('dtype')!r}")
+    offset = _array(payload, f"{name}{_SEP}offset", np.float32)
+    scale = _array(payload, f"{name}{_SEP}scale", np.float32)
     if offset.size != spec.num_buckets(numel) or scale.size != offset.size:
         raise PackedFormatError(
-            f"{path}: {name}: {offset.size} buckets stored, shape {list(shape)} with bucket "
+            f"{name}: {offset.size} buckets stored, shape {list(shape)} with bucket "
             f"size {spec.bucket_size} needs {spec.num_buckets(numel)}"
         )
-    try:
-        codes = _decode_codes(path, name, entry, coders, payload, numel, spec)
-    except coding.CodingError as exc:
-        raise PackedFormatError(f"{path}: {name}: {exc}") from None
+    coding = entry.get("coding")
+    if coding == "bitpack":
+        data = _array(payload, f"{name}{_SEP}codes", np.uint8)
+        try:
+            codes = bitpack.unpack_bits(data, spec.bits, numel)
+        except bitpack.BitPackError as exc:
+            raise PackedFormatError(f"{name}: {exc}") from None
+    elif coding in ("huffman", "ans") and name in pooled:
+        codes = pooled[name]
+    else:
+        raise PackedFormatError(f"{name}: unknown or unlisted coding {coding!r}")
+    if codes.size and int(codes.max()) >= spec.num_levels:
+        raise PackedFormatError(f"{name}: a code exceeds the {spec.num_levels} levels")
     encoded = BucketCodes(
-        torch.from_numpy(codes), torch.from_numpy(offset.copy()), torch.from_numpy(scale.copy())
+        torch.from_numpy(np.ascontiguousarray(codes)),
+        torch.from_numpy(offset.copy()),
+        torch.from_numpy(scale.copy()),
     )
     return spec.decode(encoded, shape, dtype)
 
 
-def _raw_tensor(path: object, name: str, dtype_name: object, payload: Mapping) -> torch.Tensor:
+def _raw_tensor(name: str, dtype_name: object, payload: Mapping) -> torch.Tensor:
     if name not in payload:
-        raise PackedFormatError(f"{path}: missing tensor {name!r}")
+        raise PackedFormatError(f"missing tensor {name!r}")
     array = payload[name]
     if dtype_name == "bfloat16":
         if array.dtype != np.int16:
-            raise PackedFormatError(f"{path}: {name}: bfloat16 tensors are stored as int16 bits")
+            raise PackedFormatError(f"{name}: bfloat16 tensors are stored as int16 bits")
         return torch.from_numpy(array.copy()).view(torch.bfloat16)
-    if dtype_name != str(array.dtype) and not (dtype_name == "bool" and array.dtype == np.bool_):
-        raise PackedFormatError(
-            f"{path}: {name}: dtype {array.dtype} but metadata says {dtype_name}"
-        )
+    if dtype_name != str(array.dtype):
+        raise PackedFormatError(f"{name}: dtype {array.dtype} but metadata says {dtype_name}")
     return torch.from_numpy(array.copy())
+
+
+def _load(path: object, payload: Mapping, header: Mapping) -> tuple[dict, dict]:
+    entries, coders, user = _parse_header(path, header)
+    if header.get("checksum") != _checksum(header, payload):
+        raise PackedFormatError("checksum mismatch: the file is corrupted")
+    declared = {}
+    for name, entry in entries.items():
+        if "tied" not in entry and "raw" not in entry:
+            declared[name] = (_shape(name, entry), _spec(name, entry))
+    pooled: dict[str, np.ndarray] = {}
+    for key, coder in coders.items():
+        if not key.isdigit() or not isinstance(coder, dict):
+            raise PackedFormatError(f"damaged coder entry {key!r}")
+        pooled.update(_decode_pooled(key, coder, entries, payload, declared))
+    state: dict[str, torch.Tensor] = {}
+    ties = {}
+    for name, entry in entries.items():
+        if "tied" in entry:
+            ties[name] = entry["tied"]
+        elif "raw" in entry:
+            state[name] = _raw_tensor(name, entry["raw"], payload)
+        else:
+            shape, spec = declared[name]
+            state[name] = _quantized_tensor(name, entry, spec, shape, payload, pooled)
+    for name, target in ties.items():
+        if not isinstance(target, str) or target not in state:
+            raise PackedFormatError(f"{name} is tied to missing tensor {target!r}")
+        state[name] = state[target]
+    return {name: state[name] for name in entries}, user
 
 
 def load_packed(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a packed file: the state dict (quantized tensors decoded exactly to the values the
-    model was evaluated with; tied tensors shared again) and the user metadata."""
-    payload, header, _ = _read(path)
-    entries, coders, user = _parse_header(path, header)
-    if header.get("checksum") != _checksum(payload):
-        raise PackedFormatError(f"{path}: checksum mismatch: the file is corrupted")
-    state: dict[str, torch.Tensor] = {}
-    ties = {}
-    for name, entry in entries.items():
-        if not isinstance(entry, dict):
-            raise PackedFormatError(f"{path}: {name}: damaged entry")
-        try:
-            if "tied" in entry:
-                ties[name] = entry["tied"]
-            elif "raw" in entry:
-                state[name] = _raw_tensor(path, name, entry["raw"], payload)
-            else:
-                state[name] = _quantized_tensor(path, name, entry, coders, payload)
-        except PackedFormatError:
-            raise
-        except (TypeError, ValueError, KeyError, IndexError, OverflowError) as exc:
-            # Every field of the metadata is untrusted: a malformed one is a damaged file.
-            raise PackedFormatError(f"{path}: {name}: damaged entry ({exc})") from None
-    for name, target in ties.items():
-        if not isinstance(target, str) or target not in state:
-            raise PackedFormatError(f"{path}: {name} is tied to missing tensor {target!r}")
-        state[name] = state[target]
-    return {name: state[name] for name in entries}, user
+    model was evaluated with; tied tensors shared again) and the user metadata.
+
+    Raises :class:`PackedFormatError` (saying what is wrong) for any file that is not a
+    valid packed file, and ``FileNotFoundError`` for a missing one."""
+    payload, header = _read(path)
+    try:
+        return _load(path, payload, header)
+    except PackedFormatError as exc:
+        raise PackedFormatError(f"{path}: {exc}") from None
+    except (TypeError, ValueError, KeyError, IndexError, OverflowError, AttributeError) as exc:
+        # Every field of the metadata is untrusted: a malformed one is a damaged file.
+        raise PackedFormatError(f"{path}: damaged metadata ({type(exc).__name__}: {exc})") from None
+    except RuntimeError as exc:  # torch refusing a shape or size that the checks let through
+        raise PackedFormatError(f"{path}: inconsistent tensor ({exc})") from None
 
 
 def packed_specs(path: str | os.PathLike) -> dict[str, QuantSpec]:
@@ -435,17 +547,45 @@ def packed_specs(path: str | os.PathLike) -> dict[str, QuantSpec]:
 
 def packed_info(path: str | os.PathLike) -> list[PackedTensorInfo]:
     """Per-tensor storage of a packed file, without decoding it."""
-    payload, header, _ = _read(path)
-    entries, _, _ = _parse_header(path, header)
+    return packed_summary(path)[0]
+
+
+def packed_summary(path: str | os.PathLike) -> tuple[list[PackedTensorInfo], list[PackedCoderInfo]]:
+    """Per-tensor storage and per-coder statistics of a packed file, without decoding it."""
+    payload, header = _read(path)
     try:
-        return _info_rows(path, payload, entries)
-    except PackedFormatError:
-        raise
+        entries, coders, _ = _parse_header(path, header)
+        if header.get("checksum") != _checksum(header, payload):
+            raise PackedFormatError("checksum mismatch: the file is corrupted")
+        return _info_rows(payload, entries), _coder_rows(payload, coders)
+    except PackedFormatError as exc:
+        raise PackedFormatError(f"{path}: {exc}") from None
     except (TypeError, ValueError, KeyError, IndexError, OverflowError, AttributeError) as exc:
         raise PackedFormatError(f"{path}: damaged metadata ({exc})") from None
 
 
-def _info_rows(path: object, payload: Mapping, entries: dict) -> list[PackedTensorInfo]:
+def _coder_rows(payload: Mapping, coders: dict) -> list[PackedCoderInfo]:
+    rows = []
+    for key, coder in sorted(coders.items()):
+        stored = sum(
+            int(payload[k].nbytes)
+            for k in (f"{_SEP}{key}{_SEP}stream", f"{_SEP}{key}{_SEP}chunks")
+            if k in payload
+        )
+        hist = np.asarray(coder.get("counts", []), dtype=np.int64)
+        rows.append(
+            PackedCoderInfo(
+                levels=int(key),
+                kind=str(coder.get("kind")),
+                symbols=int(coder.get("symbols", 0)),
+                stream_bytes=stored,
+                entropy_bits=entropy.entropy_bits(hist),
+            )
+        )
+    return rows
+
+
+def _info_rows(payload: Mapping, entries: dict) -> list[PackedTensorInfo]:
     rows = []
     for name, entry in entries.items():
         if "tied" in entry:
@@ -465,15 +605,14 @@ def _info_rows(path: object, payload: Mapping, entries: dict) -> list[PackedTens
                 )
             )
             continue
-        shape = _shape(path, name, entry)
-        spec = QuantSpec.from_dict(entry["spec"])
-        stored = sum(int(a.nbytes) for k, a in payload.items() if k.startswith(f"{name}{_SEP}"))
-        code_bytes = sum(
-            int(payload[k].nbytes)
-            for k in (f"{name}{_SEP}codes", f"{name}{_SEP}chunks")
-            if k in payload
-        )
+        shape = _shape(name, entry)
+        spec = _spec(name, entry)
         numel = math.prod(shape)
+        side = sum(int(payload[f"{name}{_SEP}{k}"].nbytes) for k in ("offset", "scale"))
+        if entry.get("coding") == "bitpack":
+            code_bytes = float(payload[f"{name}{_SEP}codes"].nbytes)
+        else:
+            code_bytes = _int(entry.get("code_bits"), f"{name}: code_bits", 0, 16 * numel) / 8
         rows.append(
             PackedTensorInfo(
                 name,
@@ -481,7 +620,7 @@ def _info_rows(path: object, payload: Mapping, entries: dict) -> list[PackedTens
                 str(entry.get("dtype")),
                 spec,
                 str(entry.get("coding")),
-                stored,
+                int(round(side + code_bytes)),
                 8 * code_bytes / numel if numel else 0.0,
             )
         )

@@ -12,6 +12,13 @@ from pathlib import Path
 from compressor.cli import UsageError
 
 
+def _output_path(path: str) -> Path:
+    p = Path(path)
+    if not p.parent.is_dir():
+        raise UsageError(f"no such directory: {p.parent} (for -o {path})")
+    return p
+
+
 def _existing_file(path: str) -> Path:
     p = Path(path)
     if not p.is_file():
@@ -63,19 +70,24 @@ def pack_checkpoint(
     include: str | None = None,
     exclude: str | None = None,
     entropy: str | None = None,
-    recorded_specs: Mapping[str, dict] | None = None,
+    recorded_specs: Mapping[str, dict | object] | None = None,
     metadata: Mapping | None = None,
 ) -> int:
     """Quantize and pack a state dict: every floating-point tensor of two or more dimensions
-    whose name matches ``include`` (and not ``exclude``), unless ``recorded_specs`` already
-    say how each tensor was quantized (then those tensors are stored exactly as they are)."""
+    whose name matches ``include`` (and not ``exclude``), unless ``recorded_specs``
+    (``{name: QuantSpec or its dict}``) already say how each tensor was quantized: then those
+    tensors must hold quantized values and are stored exactly (verified bit for bit).
+    Returns the size of the written file in bytes."""
     from compressor.packed import save_packed
     from compressor.quantizers import quantile_points
     from compressor.spec import QuantSpec
 
     tensors, specs = {}, {}
     if recorded_specs:
-        specs = {name: QuantSpec.from_dict(spec) for name, spec in recorded_specs.items()}
+        specs = {
+            name: spec if isinstance(spec, QuantSpec) else QuantSpec.from_dict(spec)
+            for name, spec in recorded_specs.items()
+        }
         tensors = dict(state)
     else:
         for name, value in state.items():
@@ -102,11 +114,11 @@ def pack_checkpoint(
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from compressor.packed import PackedFormatError, packed_info
+    from compressor.packed import PackedFormatError, packed_summary
 
     path = _existing_file(args.file)
     try:
-        rows = packed_info(path)
+        rows, coders = packed_summary(path)
     except PackedFormatError as exc:
         raise UsageError(str(exc)) from None
     header = (
@@ -146,11 +158,18 @@ def _inspect(args: argparse.Namespace) -> int:
         else ""
     )
     print(f"file {size:,} bytes; fp32 {fp32:,} bytes; compression {fp32 / size:.2f}x; {mean}")
+    for c in coders:
+        print(
+            f"{c.kind} coder, {c.levels} levels: {c.symbols:,} indices in "
+            f"{c.stream_bytes:,} bytes, {c.mean_bits:.3f} bits/index against an empirical "
+            f"entropy of {c.entropy_bits:.3f}"
+        )
     return 0
 
 
 def _pack(args: argparse.Namespace) -> int:
     source = _existing_file(args.checkpoint)
+    _output_path(args.output)
     if not 1 <= args.bits <= 8:
         raise UsageError(f"--bits must be from 1 to 8, got {args.bits}")
     if args.bucket_size is not None and args.bucket_size <= 0:
@@ -189,7 +208,7 @@ def _unpack(args: argparse.Namespace) -> int:
     from compressor.packed import PackedFormatError, load_packed
 
     source = _existing_file(args.file)
-    output = Path(args.output)
+    output = _output_path(args.output)
     if output.suffix not in (".pt", ".safetensors"):
         raise UsageError(f"-o must end in .pt or .safetensors, got {output.name}")
     try:

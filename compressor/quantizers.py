@@ -75,8 +75,7 @@ def bucket_view(x: torch.Tensor, bucket_size: int | None) -> torch.Tensor:
     its own last value, which changes neither its minimum nor its maximum)."""
     flat = x.reshape(-1).to(torch.float32)
     n = flat.numel()
-    d = n if bucket_size is None else bucket_size
-    d = max(d, 1)
+    d = _row_length(n, bucket_size)
     rem = n % d
     if rem:
         flat = torch.cat([flat, flat[-1:].expand(d - rem)])
@@ -227,8 +226,14 @@ def encode_uniform(
     return BucketCodes(flat_codes, lo.reshape(-1), scale.reshape(-1))
 
 
+def _row_length(numel: int, bucket_size: int | None) -> int:
+    """Weights per row: a bucket larger than the tensor is one bucket of the tensor's size
+    (never padded out to the declared bucket size)."""
+    return max(numel if bucket_size is None else min(bucket_size, numel), 1)
+
+
 def _decode_rows(codes: torch.Tensor, numel: int, bucket_size: int | None) -> torch.Tensor:
-    d = max(numel if bucket_size is None else bucket_size, 1)
+    d = _row_length(numel, bucket_size)
     rem = numel % d
     flat = codes.reshape(-1)
     if rem:

@@ -198,3 +198,24 @@ def test_fused_kernel_matches_eager(monkeypatch):
     monkeypatch.setenv("QDISTILL_COMPILE", "0")
     eager = compressor.quantize_tensor(x, 4, 256)
     assert torch.equal(fused, eager)
+
+
+def test_bucket_larger_than_the_tensor_is_one_bucket():
+    """A declared bucket far larger than the tensor (as a hostile file may declare) must not
+    be padded out: it is one bucket of the tensor's own size."""
+    x = torch.randn(10, 12)
+    huge = 2**31
+    assert torch.equal(
+        compressor.quantize_tensor(x, 3, huge), compressor.quantize_tensor(x, 3, None)
+    )
+    encoded = compressor.encode_uniform(x, 3, None)
+    assert torch.equal(
+        compressor.decode_uniform(encoded, x.shape, huge),
+        compressor.decode_uniform(encoded, x.shape, None),
+    )
+    points = compressor.uniform_points(4)
+    codes = compressor.encode_nonuniform(x, points, None)
+    assert torch.equal(
+        compressor.decode_nonuniform(codes, points, x.shape, huge),
+        compressor.decode_nonuniform(codes, points, x.shape, None),
+    )
