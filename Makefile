@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS) tests
 
 demo: $(STAMP)
-	$(PY) -m onmt_plugin.demo --output-dir demo_out
+	$(PY) -m vision_plugin.demo --output-dir demo_out
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -135,6 +135,8 @@ def _checksum(header: Mapping[str, str], payload: Mapping[str, np.ndarray]) -> s
 
 def _encode_checked(name: str, value: torch.Tensor, spec: QuantSpec, given) -> BucketCodes:  # noqa: ANN001
     """Codes for ``value``, verified to decode to exactly its bits."""
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name}: the tensor holds NaN or infinite values (did training diverge?)")
     encoded = given if given is not None else spec.encode(value)
     decoded = spec.decode(encoded, value.shape, value.dtype)
     if not torch.equal(decoded, value):

@@ -157,6 +157,8 @@ def train_one_epoch(model, teacher, train_loader, optimizer, teacher_optimizer, 
                     args.distill_alpha,
                 )
             loss.backward()
+        if not torch.isfinite(loss.detach()):
+            raise UsageError(f"the loss became {float(loss)} at epoch {epoch}; lower --lr")
         optimizer.step()
         if teacher_learns:
             teacher_optimizer.zero_grad(set_to_none=True)
@@ -298,9 +300,12 @@ def main(args: argparse.Namespace) -> dict:
         ).to(args.device)
     student = build_student(args, num_classes)
     config = quant_config(args)
-    compressor.quantize_(student, config)
+    if not args.full_precision:
+        compressor.quantize_(student, config)
     student.to(args.device)
-    if config.act_bits is not None:  # initialise the activation steps from one batch
+    if (
+        config.act_bits is not None and not args.full_precision
+    ):  # initialise the activation steps from one batch
         with torch.no_grad():
             student.eval()(
                 next(iter(train_loader))[0][: max(2, args.batch_size // 4)].to(args.device)
@@ -320,7 +325,7 @@ def main(args: argparse.Namespace) -> dict:
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     else:
         raise UsageError(f"--opt {args.opt!r} is not supported; use sgd or adamw")
-    if config.method == "differentiable":
+    if config.method == "differentiable" and not args.full_precision:
         compressor.keep_points_constrained(optimizer, student)
     teacher_optimizer = None
     if teacher is not None:
@@ -379,9 +384,7 @@ def main(args: argparse.Namespace) -> dict:
         "train_seconds": time.time() - start,
     }
     if output and is_main(args):
-        packed = output / "student.qd"
         meta = {"model": args.model, "num_classes": num_classes, "cifar_stem": args.cifar_stem}
-        summary["packed_bytes"] = compressor.save_packed(student, packed, metadata=meta)
         summary["student_fp32_bytes"] = fp32_bytes(
             compressor.shadow_state_dict(student), output / "student_fp32.safetensors"
         )
@@ -390,13 +393,15 @@ def main(args: argparse.Namespace) -> dict:
             summary["teacher_fp32_bytes"] = fp32_bytes(
                 teacher_state, output / "teacher_fp32.safetensors"
             )
-            summary["compression_vs_teacher"] = (
-                summary["teacher_fp32_bytes"] / summary["packed_bytes"]
-            )
-        summary["compression_vs_student_fp32"] = (
-            summary["student_fp32_bytes"] / summary["packed_bytes"]
-        )
-        summary["quantization"] = {k: v for k, v in vars(config).items() if not isinstance(v, dict)}
+        if not args.full_precision:
+            size = compressor.save_packed(student, output / "student.qd", metadata=meta)
+            summary["packed_bytes"] = size
+            summary["compression_vs_student_fp32"] = summary["student_fp32_bytes"] / size
+            if teacher is not None:
+                summary["compression_vs_teacher"] = summary["teacher_fp32_bytes"] / size
+            summary["quantization"] = {
+                k: v for k, v in vars(config).items() if not isinstance(v, dict)
+            }
         (output / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         print(json.dumps({k: v for k, v in summary.items() if k != "quantization"}), flush=True)
     if args.distributed:
@@ -467,6 +472,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--qkd-self-epochs", default=0, type=int)
     parser.add_argument("--qkd-co-epochs", default=0, type=int)
     parser.add_argument("--qkd-tutor-epochs", default=0, type=int)
+    parser.add_argument(
+        "--full-precision", action="store_true", help="train without quantization (a teacher)"
+    )
     parser.add_argument(
         "--post-training-only", action="store_true", help="PM baseline: quantize, no training"
     )
