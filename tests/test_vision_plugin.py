@@ -206,3 +206,26 @@ def test_malformed_data_is_a_one_line_error(tmp_path):
     )
     assert done.returncode == 2 and "not a CIFAR-10 npz file" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_imagefolder_tree(cifar10_dir, tmp_path):
+    """An ImageNet-style train/ and val/ tree of real images, with the references' transforms."""
+    import numpy as np
+    from PIL import Image
+
+    with np.load(cifar10_dir / "test.npz") as npz:
+        images, labels = npz["images"][:2000], npz["labels"][:2000]
+    for split, offset in (("train", 0), ("val", 1)):
+        for cls in (0, 1):
+            folder = tmp_path / "data" / split / f"class{cls}"
+            folder.mkdir(parents=True)
+            picks = np.flatnonzero(labels == cls)[offset::2][:8]
+            for i in picks:
+                Image.fromarray(images[i]).resize((40, 40)).save(folder / f"{i}.png")
+    out = tmp_path / "run"
+    args = ["--data-path", str(tmp_path / "data"), *STUDENT, "-b", "4", "--epochs", "1", "--quiet",
+            "--train-crop-size", "32", "--val-resize-size", "36", "--val-crop-size", "32",
+            "--output-dir", str(out)]  # fmt: skip
+    assert run(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 <= summary["acc1"] <= 100 and (out / "student.qd").exists()
