@@ -13,12 +13,13 @@ PYTEST_ARGS ?=
 venv: $(STAMP)
 
 # Rebuilt when a file that defines the environment changes; a second run installs nothing.
-$(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
+$(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS) Makefile
 	@test -x $(PY) && $(PY) -c "import sys; sys.exit(sys.version_info < (3, 10))" || { rm -rf $(VENV); $(PYTHON) -m venv $(VENV); }
 	$(PIP) install -q -c $(CONSTRAINTS) --upgrade pip setuptools wheel
 	$(PIP) install -q -c $(CONSTRAINTS) torch torchvision
 	$(PIP) install -q -c $(CONSTRAINTS) --no-deps OpenNMT-py
 	$(PIP) install -q -c $(CONSTRAINTS) -e ".[test,onmt,vision,ans]"
+	$(PY) -m onmt_plugin.install
 	$(PY) -c "import torch, torchvision, onmt, compressor; print('qdistill environment ready: torch', torch.__version__, 'onmt', onmt.__version__)"
 	@touch $(STAMP)
 

@@ -174,16 +174,31 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_shadow_state_dict(
     model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True
 ) -> None:
-    """Load plain-named full-precision weights into a quantized (parametrized) model."""
+    """Load plain-named full-precision weights into a quantized (parametrized) model.
+
+    Tensors are copied into the model's parameters and buffers directly, so this works for
+    models that override ``load_state_dict`` (OpenNMT-py's NMTModel does).
+    """
+    targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     routed = {}
     for key in model.state_dict():
         plain = _plain_key(key)
-        if plain is not None and plain in state_dict:
+        if plain is not None and plain in state_dict and key in targets:
             routed[key] = state_dict[plain]
-    missing = [k for k in model.state_dict() if _plain_key(k) is not None and k not in routed]
+    missing = [k for k in targets if _plain_key(k) is not None and k not in routed]
     if strict and missing:
         raise KeyError(f"state dict lacks {len(missing)} weights, e.g. {missing[:3]}")
-    model.load_state_dict(routed, strict=False)
+    copy_into_(model, routed)
+
+
+@torch.no_grad()
+def copy_into_(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy tensors into the parameters and buffers of those (state-dict) names."""
+    targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for key, value in state.items():
+        if key not in targets:
+            raise KeyError(f"the model has no parameter or buffer {key!r}")
+        targets[key].copy_(value)
 
 
 def materialize_(model: nn.Module) -> nn.Module:

@@ -1,0 +1,52 @@
+"""Student checkpoints that stock OpenNMT-py tools read as ordinary models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import compressor
+
+
+def split_generator(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """OpenNMT keeps the generator's weights apart from the model's."""
+    model = {k: v for k, v in state.items() if not k.startswith("generator.")}
+    generator = {k[len("generator.") :]: v for k, v in state.items() if k.startswith("generator.")}
+    return model, generator
+
+
+def qdistill_record(model: nn.Module) -> dict:
+    """What a resume needs beyond the quantized values: shadow weights, quantizer state
+    (learned points), each tensor's quantization spec and the settings."""
+    quantizer_state = {
+        k: v
+        for k, v in model.state_dict().items()
+        if ".parametrizations." in k and not k.endswith(".original")
+    }
+    state = model.__dict__.get("_qdistill")
+    return {
+        "shadow": compressor.shadow_state_dict(model),
+        "quantizer_state": quantizer_state,
+        "specs": {
+            name: spec.to_dict() for name, spec in compressor.quantization_specs(model).items()
+        },
+        "settings": state.settings.to_dict() if state is not None else None,
+        "format": 1,
+    }
+
+
+def rewrite_checkpoint(path: str | os.PathLike, model: nn.Module) -> None:
+    """Replace the parametrized state that OpenNMT saved by the quantized values under the plain
+    names, and keep the shadow weights under ``checkpoint["qdistill"]``; atomically."""
+    path = Path(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint["model"], checkpoint["generator"] = split_generator(
+        compressor.quantized_state_dict(model)
+    )
+    checkpoint["qdistill"] = qdistill_record(model)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,45 @@
+"""OpenNMT's LossCompute with the distillation term added."""
+
+from __future__ import annotations
+
+from compressor.distillation import distillation_loss
+from onmt_plugin.student import teacher_logits
+
+
+def distillation_loss_class(base: type) -> type:
+    """A subclass of OpenNMT's ``LossCompute``: in training, the summed loss becomes
+    ``(1 - alpha) * CE + alpha * T^2 * KL(teacher || student)`` over non-pad target positions;
+    validation and statistics keep OpenNMT's cross-entropy of the quantized student."""
+
+    class DistillLossCompute(base):
+        @classmethod
+        def from_opts(cls, opt, model, vocab, train=True):  # noqa: ANN001, ANN206
+            loss = super().from_opts(opt, model, vocab, train=train)
+            loss.qdistill = getattr(model, "_qdistill", None) if train else None
+            return loss
+
+        def forward(self, batch, output, attns, trunc_start=0, trunc_size=None):  # noqa: ANN001, ANN201
+            loss, stats = super().forward(batch, output, attns, trunc_start, trunc_size)
+            state = getattr(self, "qdistill", None)
+            if state is None or self.copy_attn:
+                return loss, stats
+            if trunc_size is None:
+                trunc_size = batch["tgt"].size(1) - trunc_start
+            end = trunc_start + trunc_size
+            target = batch["tgt"][:, trunc_start + self.tgt_shift_index : end, 0]
+            student = self.generator(self._bottle(output[:, trunc_start:end, :].contiguous()))
+            teacher = teacher_logits(state, batch, end)[: student.size(0)]
+            settings = state.settings
+            soft = distillation_loss(
+                student,
+                teacher,
+                target.contiguous().view(-1),
+                settings.temperature,
+                1.0,
+                ignore_index=self.padding_idx,
+                reduction="sum",
+            )
+            return (1 - settings.alpha) * loss + settings.alpha * soft, stats
+
+    DistillLossCompute.__name__ = DistillLossCompute.__qualname__ = "DistillLossCompute"
+    return DistillLossCompute

@@ -1,0 +1,201 @@
+"""The OpenNMT-py plugin with the real, stock OpenNMT-py 3.5.1 tools on a slice of the toy
+en-de data: options, quantized distillation, checkpoints, resume, packing, PM, errors."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+BIN = Path(sys.executable).parent
+STOCK_TRANSLATE = (
+    "import argparse, torch; torch.serialization.add_safe_globals([argparse.Namespace]); "
+    "from onmt.bin.translate import main; main()"
+)
+
+
+def _env(plugin: bool = True) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "QDISTILL_ONMT_PLUGIN": "1" if plugin else "0"}
+
+
+def _run(args, cwd, plugin=True, check=True):  # noqa: ANN001, ANN202
+    done = subprocess.run(
+        args, cwd=cwd, capture_output=True, text=True, env=_env(plugin), timeout=600
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"{args[:2]} failed:\n{done.stderr[-3000:]}")
+    return done
+
+
+def _config(folder: Path, layers: int = 1, **extra) -> Path:
+    config = {
+        "src_vocab": "vocab.src",
+        "tgt_vocab": "vocab.tgt",
+        "src_vocab_size": 500,
+        "tgt_vocab_size": 500,
+        "data": {
+            "corpus_1": {"path_src": "src-train.txt", "path_tgt": "tgt-train.txt"},
+            "valid": {"path_src": "src-val.txt", "path_tgt": "tgt-val.txt"},
+        },
+        "encoder_type": "rnn",
+        "decoder_type": "rnn",
+        "rnn_type": "LSTM",
+        "layers": layers,
+        "hidden_size": 32,
+        "word_vec_size": 32,
+        "batch_size": 16,
+        "batch_type": "sents",
+        "valid_steps": 10,
+        "save_checkpoint_steps": 10,
+        "train_steps": 10,
+        "report_every": 5,
+        "seed": 1,
+        "num_workers": 0,
+        **extra,
+    }
+    path = folder / f"config_{len(list(folder.glob('config_*')))}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, toy_ende_dir_module):
+    """400 training pairs, a 500-word vocabulary and a 2-layer LSTM teacher (10 steps)."""
+    folder = tmp_path_factory.mktemp("onmt")
+    for name, lines in (("src-train", 400), ("tgt-train", 400), ("src-val", 30), ("tgt-val", 30)):
+        text = (toy_ende_dir_module / f"{name}.txt").read_text().splitlines()[:lines]
+        (folder / f"{name}.txt").write_text("\n".join(text) + "\n")
+    vocab = dict(yaml.safe_load(_config(folder).read_text()), save_data="vocab", overwrite=True)
+    (folder / "vocab.yaml").write_text(yaml.safe_dump(vocab))
+    _run([BIN / "onmt_build_vocab", "-config", "vocab.yaml", "-n_sample", "400"], folder)
+    _run(
+        [BIN / "onmt_train", "-config", _config(folder, layers=2), "-save_model", "teacher"], folder
+    )
+    assert (folder / "teacher_step_10.pt").exists()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def toy_ende_dir_module():
+    from conftest import data_path
+
+    return data_path("toy-ende")
+
+
+def _load(path: Path) -> dict:
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _distil(corpus: Path, name: str, *extra: str, config: Path | None = None):  # noqa: ANN202
+    args = [BIN / "onmt_train", "-config", config or _config(corpus), "-save_model", name,
+            "-quantized_distill", "-teacher_model", "teacher_step_10.pt", *extra]  # fmt: skip
+    return _run(args, corpus)
+
+
+def test_options_appear_in_stock_onmt_train_help(corpus):
+    shown = _run([BIN / "onmt_train", "-h"], corpus).stdout
+    for option in ("--quantized_distill", "--teacher_model", "--quant_bits", "--quant_bucket_size",
+                   "--quant_method", "--quant_rounding", "--quant_keep_first_last",
+                   "--distill_temperature", "--distill_alpha"):  # fmt: skip
+        assert option in shown, option
+    hidden = _run([BIN / "onmt_train", "-h"], corpus, plugin=False).stdout
+    assert "--quantized_distill" not in hidden
+
+
+def test_lstm_student_checkpoint_is_quantized_and_stock_translate_runs_it(corpus):
+    _distil(corpus, "lstm", "-quant_bits", "3", "-quant_bucket_size", "64")
+    checkpoint = _load(corpus / "lstm_step_10.pt")
+    record = checkpoint["qdistill"]
+    assert record["specs"] and all(s["bits"] == 3 for s in record["specs"].values())
+    plain = {
+        **checkpoint["model"],
+        **{f"generator.{k}": v for k, v in checkpoint["generator"].items()},
+    }
+    assert not any("parametrizations" in k for k in plain)
+    for name in record["specs"]:
+        values = plain[name].reshape(-1)
+        assert all(b.unique().numel() <= 8 for b in values.split(64)), name
+        assert not torch.equal(record["shadow"][name], plain[name])
+    # Stock OpenNMT translation, the plugin off, gives exactly what it gives with the plugin on.
+    base = ["-model", "lstm_step_10.pt", "-src", "src-val.txt", "-max_length", "8", "-seed", "1"]
+    _run([sys.executable, "-c", STOCK_TRANSLATE, *base, "-output", "off.txt"], corpus, plugin=False)
+    _run([BIN / "onmt_translate", *base, "-output", "on.txt"], corpus)
+    off, on = (corpus / "off.txt").read_text(), (corpus / "on.txt").read_text()
+    assert off == on and len(off.splitlines()) == 30
+
+
+def test_resume_restores_the_shadow_weights(corpus):
+    _distil(corpus, "first", "-quant_bits", "4")
+    # A fresh optimizer with a zero learning rate leaves the weights where the resume put them.
+    resume = ["-train_from", "first_step_10.pt", "-train_steps", "12", "-save_checkpoint_steps"]
+    _distil(corpus, "resumed", *resume, "12", "-reset_optim", "all", "-learning_rate", "0")
+    before = _load(corpus / "first_step_10.pt")["qdistill"]["shadow"]
+    after = _load(corpus / "resumed_step_12.pt")["qdistill"]["shadow"]
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_transformer_student_with_tied_generator_and_packing(corpus, tmp_path):
+    config = _config(
+        corpus, encoder_type="transformer", decoder_type="transformer", heads=2,
+        transformer_ff=64, position_encoding=True, share_decoder_embeddings=True,
+    )  # fmt: skip
+    _distil(corpus, "transformer", "-quant_bits", "4", "-quant_method", "nonuniform", config=config)
+    checkpoint = _load(corpus / "transformer_step_10.pt")
+    state = {
+        **checkpoint["model"],
+        **{f"generator.{k}": v for k, v in checkpoint["generator"].items()},
+    }
+    assert torch.equal(
+        state["generator.weight"], state["decoder.embeddings.make_embedding.emb_luts.0.weight"]
+    )
+    from compressor import load_packed
+    from compressor.packed_cli import pack_checkpoint
+
+    size = pack_checkpoint(state, tmp_path / "t.qd", recorded_specs=checkpoint["qdistill"]["specs"])
+    loaded, _ = load_packed(tmp_path / "t.qd")
+    specs = checkpoint["qdistill"]["specs"]
+    kept = sum(v.numel() * v.element_size() for k, v in state.items() if k not in specs)
+    quantized = sum(state[k].numel() * 4 for k in specs if k != "generator.weight")  # tied
+    assert size < kept + 0.3 * quantized  # 4-bit codes: 1/8 of fp32, plus per-bucket scales
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+def test_post_training_quantization_of_a_teacher(corpus):
+    done = _run(
+        [BIN / "qdistill", "onmt-quantize", "teacher_step_10.pt", "--bits", "2", "-o", "pm.pt"],
+        corpus,
+    )
+    assert "quantized to 2 bits" in done.stdout
+    quantized = _load(corpus / "pm.pt")
+    weight = quantized["model"]["encoder.rnn.weight_ih_l0"]
+    assert all(b.unique().numel() <= 4 for b in weight.reshape(-1).split(256))
+    _run([sys.executable, "-c", STOCK_TRANSLATE, "-model", "pm.pt", "-src", "src-val.txt",
+          "-output", "pm.txt", "-max_length", "5"], corpus, plugin=False)  # fmt: skip
+    assert len((corpus / "pm.txt").read_text().splitlines()) == 30
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["-teacher_model", "missing.pt"], "--teacher_model missing.pt does not exist"),
+        (["-quant_bits", "9"], "--quant_bits must be from 1 to 8"),
+        (["-copy_attn"], "does not support -copy_attn"),
+        (["-src_vocab_size", "100", "-tgt_vocab_size", "100"], "vocabularies differ"),
+    ],
+)
+def test_start_up_errors_are_one_line(corpus, extra, message):
+    args = [BIN / "onmt_train", "-config", _config(corpus), "-save_model", "bad",
+            "-quantized_distill", "-teacher_model", "teacher_step_10.pt", *extra]  # fmt: skip
+    done = _run(args, corpus, check=False)
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("qdistill: error")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in done.stderr
+    assert not list(corpus.glob("bad_step_*.pt"))
