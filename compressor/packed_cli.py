@@ -30,8 +30,6 @@ def load_checkpoint_state(path: str | os.PathLike) -> tuple[dict, dict]:
     """A state dict from a ``.pt`` checkpoint (a plain state dict, or a dict with a ``model``
     key as torchvision's references save) or a ``.safetensors`` file, loaded without running
     any pickled code; also returns the checkpoint's recorded qdistill settings, if any."""
-    import argparse as _argparse
-
     import torch
 
     path = Path(path)
@@ -42,14 +40,12 @@ def load_checkpoint_state(path: str | os.PathLike) -> tuple[dict, dict]:
             return load_file(str(path)), {}
         except Exception as exc:
             raise UsageError(f"{path}: not a readable safetensors file ({exc})") from None
-    torch.serialization.add_safe_globals([_argparse.Namespace])
+    from compressor.checkpoints import CheckpointError, load_checkpoint
+
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(
-            f"{path}: not a PyTorch checkpoint that loads safely (weights_only): {first}"
-        ) from None
+        checkpoint = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from None
     if not isinstance(checkpoint, Mapping):
         raise UsageError(f"{path}: expected a state dict or a dict with a 'model' key")
     recorded = checkpoint.get("qdistill") if isinstance(checkpoint.get("qdistill"), Mapping) else {}

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import compressor
+from compressor.checkpoints import load_checkpoint
 
 
 def split_generator(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -42,7 +43,7 @@ def rewrite_checkpoint(path: str | os.PathLike, model: nn.Module) -> None:
     """Replace the parametrized state that OpenNMT saved by the quantized values under the plain
     names, and keep the shadow weights under ``checkpoint["qdistill"]``; atomically."""
     path = Path(path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint(path)
     checkpoint["model"], checkpoint["generator"] = split_generator(
         compressor.quantized_state_dict(model)
     )

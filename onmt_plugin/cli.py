@@ -14,6 +14,7 @@ def _quantize(args: argparse.Namespace) -> int:
     import torch
 
     import compressor
+    from compressor.checkpoints import CheckpointError, load_checkpoint
     from onmt_plugin.checkpoint import split_generator
 
     source = Path(args.checkpoint)
@@ -21,13 +22,10 @@ def _quantize(args: argparse.Namespace) -> int:
         raise UsageError(f"no such file: {source}")
     if not 1 <= args.bits <= 8:
         raise UsageError(f"--bits must be from 1 to 8, got {args.bits}")
-    torch.serialization.add_safe_globals([argparse.Namespace])
     try:
-        checkpoint = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UsageError(
-            f"{source}: not a checkpoint that loads safely ({str(exc).splitlines()[0]})"
-        ) from None
+        checkpoint = load_checkpoint(source)
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "opt" not in checkpoint:
         raise UsageError(f"{source}: not an OpenNMT-py checkpoint (no 'model'/'opt')")
     state = {

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -86,13 +85,12 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
                 return load_file(str(path))
             except SafetensorError as exc:
                 raise ModelError(f"{path}: unreadable weights ({exc})") from None
-    torch.serialization.add_safe_globals([argparse.Namespace])
+    from compressor.checkpoints import CheckpointError, load_checkpoint
+
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelError(
-            f"{path}: not a checkpoint that loads safely ({str(exc).splitlines()[0]})"
-        ) from None
+        checkpoint = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise ModelError(str(exc)) from None
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise ModelError(f"{path}: expected a state dict or a dict with a 'model' key")

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 import compressor
+from compressor.checkpoints import CheckpointError, load_checkpoint
 from compressor.distillation import distillation_loss
 from vision_plugin.data import DataError, load_data
 from vision_plugin.models import ModelError, build_model, build_teacher, load_state, load_weights_
@@ -340,7 +341,10 @@ def main(args: argparse.Namespace) -> dict:
         raise UsageError(f"--lr-scheduler {args.lr_scheduler!r}: use steplr or cosineannealinglr")
 
     if args.resume:
-        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
+        try:
+            checkpoint = load_checkpoint(args.resume)
+        except CheckpointError as exc:
+            raise UsageError(str(exc)) from None
         student.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["lr_scheduler"])
