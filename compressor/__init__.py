@@ -123,3 +123,7 @@ __all__ += [
     "share_points",
     "weight_importance",
 ]
+
+from compressor.checkpoints import CheckpointError, load_checkpoint  # noqa: E402
+
+__all__ += ["CheckpointError", "load_checkpoint"]

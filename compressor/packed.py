@@ -294,6 +294,14 @@ def _store_codes(
     return coders
 
 
+def default_file_mode() -> int:
+    """The mode ``open()`` would give a new file (0o666 less the umask); temporary files from
+    ``mkstemp`` are 0o600, which a file meant to be shared should not keep."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _write_atomic(path: str | os.PathLike, payload: dict[str, np.ndarray], header: dict) -> int:
     from safetensors.numpy import save
 
@@ -301,6 +309,7 @@ def _write_atomic(path: str | os.PathLike, payload: dict[str, np.ndarray], heade
     data = save(payload, metadata=header)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, default_file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -211,7 +211,10 @@ def _unpack(args: argparse.Namespace) -> int:
         state, metadata = load_packed(source)
     except PackedFormatError as exc:
         raise UsageError(str(exc)) from None
+    from compressor.packed import default_file_mode
+
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent or ".")
+    os.fchmod(fd, default_file_mode())
     os.close(fd)
     try:
         if output.suffix == ".pt":

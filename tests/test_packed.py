@@ -316,3 +316,12 @@ def test_missing_and_wrong_files(tmp_path):
     save_file({"w": torch.zeros(3)}, tmp_path / "plain.safetensors")
     with pytest.raises(PackedFormatError, match="not a qdistill packed file"):
         load_packed(tmp_path / "plain.safetensors")
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """Not mkstemp's 0o600: a packed model is meant to be shared like any other file."""
+    from compressor.packed import default_file_mode
+
+    spec = QuantSpec("uniform", 4, None)
+    save_packed({"w": spec.quantize(torch.randn(8))}, tmp_path / "w.qd", specs={"w": spec})
+    assert (tmp_path / "w.qd").stat().st_mode & 0o777 == default_file_mode()
