@@ -1,0 +1,214 @@
+"""`qdistill onmt-eval`: score OpenNMT-py checkpoints (fp32, quantized) or hypothesis files.
+
+Translation and teacher-forced scoring run the stock ``onmt_translate`` in a subprocess, so the
+numbers are those of the model, vocabulary and transforms stored in the checkpoint. Metrics:
+
+- BLEU and chrF: sacrebleu corpus scores against the references, with sacrebleu's signature.
+- gold perplexity: ``onmt_translate -tgt REF`` scores the references in teacher-forcing mode;
+  ``ppl_token`` = exp(-sum of gold log-probs / reference tokens), tokens counted as whitespace
+  words of REF plus one end-of-sentence per line (exact when REF is fed to the model as is).
+- size: bytes of the file on disk; ``compression`` = baseline bytes / bytes (``--baseline NAME``).
+- speed: hypothesis tokens (whitespace) per second of the translation subprocess wall time
+  (includes model loading, so it is a lower bound).
+- agreement with ``--teacher NAME``: sacrebleu BLEU of the model's hypotheses with the teacher's
+  hypotheses as the reference (100 = identical output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+_GOLD = re.compile(r"GOLD SCORE: (-?[0-9.]+(?:e[-+]?\d+)?)")
+
+
+@dataclass
+class EvalRow:
+    """Metrics of one model (or hypothesis file)."""
+
+    name: str
+    path: str
+    bytes: int | None = None
+    compression: float | None = None
+    bleu: float | None = None
+    chrf: float | None = None
+    ppl_token: float | None = None
+    tokens_per_s: float | None = None
+    agreement_bleu: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _read_lines(path: str | os.PathLike) -> list[str]:
+    from compressor.cli import UsageError
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return [line.rstrip("\n") for line in handle]
+    except OSError as error:
+        raise UsageError(
+            f"cannot read {path}: {error.strerror}; give an existing text file"
+        ) from None
+
+
+def score_lines(hyps: list[str], refs: list[str]) -> tuple[float, float, str, str]:
+    """Corpus BLEU and chrF of hyps against refs, with sacrebleu signatures."""
+    import sacrebleu
+
+    from compressor.cli import UsageError
+
+    if len(hyps) != len(refs):
+        raise UsageError(
+            f"{len(hyps)} hypotheses but {len(refs)} references; the files must align line by line"
+        )
+    bleu = sacrebleu.metrics.BLEU()
+    chrf = sacrebleu.metrics.CHRF()
+    b = bleu.corpus_score(hyps, [refs])
+    c = chrf.corpus_score(hyps, [refs])
+    return b.score, c.score, str(bleu.get_signature()), str(chrf.get_signature())
+
+
+def _onmt_translate() -> list[str]:
+    exe = shutil.which("onmt_translate", path=os.path.dirname(sys.executable))
+    return [exe] if exe else [sys.executable, "-m", "onmt.bin.translate"]
+
+
+def translate(
+    model: str, src: str, out: str, gold: str | None, extra: list[str]
+) -> tuple[float, str]:
+    """Run stock onmt_translate; returns (wall seconds, log text)."""
+    from compressor.cli import UsageError
+
+    cmd = [*_onmt_translate(), "-model", model, "-src", src, "-output", out, *extra]
+    if gold:
+        cmd += ["-tgt", gold]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise UsageError(f"onmt_translate failed on {model}: {last}")
+    return seconds, proc.stderr + proc.stdout
+
+
+def evaluate_model(
+    name: str, path: str, src: str, refs_path: str, extra: list[str], workdir: Path
+) -> tuple[EvalRow, list[str]]:
+    refs = _read_lines(refs_path)
+    hyp_file = workdir / f"{name}.hyp"
+    seconds, log = translate(path, src, str(hyp_file), None, extra)
+    hyps = _read_lines(hyp_file)
+    bleu, chrf, bsig, csig = score_lines(hyps, refs)
+    row = EvalRow(name=name, path=path, bytes=os.path.getsize(path), bleu=bleu, chrf=chrf)
+    row.extra["bleu_signature"], row.extra["chrf_signature"] = bsig, csig
+    row.tokens_per_s = sum(len(h.split()) for h in hyps) / max(seconds, 1e-9)
+    _, gold_log = translate(path, src, str(workdir / f"{name}.gold"), refs_path, extra)
+    scores = [float(m) for m in _GOLD.findall(gold_log)]
+    if not scores:
+        match = re.search(r"GOLD AVG SCORE: (-?[0-9.]+)", gold_log)
+        scores = [float(match.group(1)) * len(refs)] if match else []
+    if scores:
+        tokens = sum(len(r.split()) + 1 for r in refs)
+        row.ppl_token = math.exp(-sum(scores) / tokens) if tokens else None
+    return row, hyps
+
+
+def render(rows: list[EvalRow]) -> str:
+    def fmt(v: object, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    head = f"{'model':<22}{'bytes':>12}{'compr.':>8}{'BLEU':>7}{'chrF':>7}{'ppl':>9}{'tok/s':>9}{'agree':>7}"  # noqa: E501
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r.name:<22}{fmt(r.bytes, 'd'):>12}{fmt(r.compression, '.2f'):>8}"
+            f"{fmt(r.bleu, '.2f'):>7}"
+            f"{fmt(r.chrf, '.2f'):>7}{fmt(r.ppl_token, '.2f'):>9}{fmt(r.tokens_per_s, '.1f'):>9}"
+            f"{fmt(r.agreement_bleu, '.1f'):>7}"
+        )
+    return "\n".join(lines)
+
+
+def _named(spec: str) -> tuple[str, str]:
+    if "=" in spec:
+        name, path = spec.split("=", 1)
+        return name, path
+    return Path(spec).stem, spec
+
+
+def run(args: argparse.Namespace) -> int:
+    from compressor.cli import UsageError
+
+    if not args.models and not args.hyp:
+        raise UsageError("give at least one checkpoint (NAME=PATH) or --hyp FILE")
+    refs = _read_lines(args.ref)
+    rows: list[EvalRow] = []
+    hyps_by_name: dict[str, list[str]] = {}
+    extra = ["-gpu", "-1", "-batch_size", str(args.batch_size), "-beam_size", str(args.beam_size)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in args.models:
+            name, path = _named(spec)
+            if not os.path.isfile(path):
+                raise UsageError(f"checkpoint {path} does not exist; give NAME=PATH of a .pt file")
+            if args.src is None:
+                raise UsageError("--src is required to translate checkpoints")
+            row, hyps = evaluate_model(name, path, args.src, args.ref, extra, Path(tmp))
+            rows.append(row)
+            hyps_by_name[name] = hyps
+            print(f"evaluated {name}", file=sys.stderr)
+    for hyp_path in args.hyp or []:
+        name, path = _named(hyp_path)
+        hyps = _read_lines(path)
+        bleu, chrf, bsig, csig = score_lines(hyps, refs)
+        row = EvalRow(name=name, path=path, bleu=bleu, chrf=chrf)
+        row.extra["bleu_signature"], row.extra["chrf_signature"] = bsig, csig
+        rows.append(row)
+        hyps_by_name[name] = hyps
+    by_name = {r.name: r for r in rows}
+    if args.baseline:
+        if args.baseline not in by_name or by_name[args.baseline].bytes is None:
+            raise UsageError(f"--baseline {args.baseline} is not a checkpoint named in this run")
+        for r in rows:
+            if r.bytes:
+                r.compression = by_name[args.baseline].bytes / r.bytes
+    if args.teacher:
+        if args.teacher not in hyps_by_name:
+            raise UsageError(f"--teacher {args.teacher} is not a model named in this run")
+        for r in rows:
+            r.agreement_bleu, *_ = score_lines(hyps_by_name[r.name], hyps_by_name[args.teacher])
+    print(render(rows))
+    if rows and rows[0].extra.get("bleu_signature"):
+        print(f"BLEU signature: {rows[0].extra['bleu_signature']}")
+        print(f"chrF signature: {rows[0].extra['chrf_signature']}")
+    if args.json:
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump([asdict(r) for r in rows], handle, indent=2)
+        os.replace(tmp, args.json)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "onmt-eval",
+        help="BLEU, chrF, gold perplexity, size, speed and teacher agreement of OpenNMT-py models",
+    )
+    p.add_argument("models", nargs="*", help="checkpoints as NAME=PATH (or PATH)")
+    p.add_argument("--src", help="source text file to translate")
+    p.add_argument("--ref", required=True, help="reference text file")
+    p.add_argument("--hyp", action="append", help="score a hypothesis file (NAME=PATH), repeatable")
+    p.add_argument("--baseline", help="NAME whose file size is the compression baseline")
+    p.add_argument("--teacher", help="NAME whose hypotheses define agreement (BLEU vs teacher)")
+    p.add_argument("--json", help="write the metrics as JSON to this path")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--beam-size", type=int, default=1)
+    p.set_defaults(func=run)

@@ -1,0 +1,91 @@
+"""``qdistill shrink vision|onmt``: depth-shrink teacher checkpoints to initialise students."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register_shrink(subparsers) -> None:
+    parser = subparsers.add_parser("shrink", help="shrink the depth of a teacher checkpoint")
+    sub = parser.add_subparsers(dest="shrink_kind", metavar="KIND")
+    vision = sub.add_parser("vision", help="torchvision ResNet / WideResNet checkpoint")
+    vision.add_argument("--arch", required=True, help="teacher architecture, e.g. resnet34")
+    vision.add_argument("--checkpoint", required=True, help="teacher state dict or references ckpt")
+    vision.add_argument("--blocks", required=True, help="blocks per stage, e.g. 2,2,2,2")
+    vision.add_argument(
+        "--select", default="first", help="first | even | per-stage lists '0,1/0,3/0,2/0,2'"
+    )
+    vision.add_argument("--num-classes", type=int, default=None)
+    vision.add_argument("--cifar-stem", action="store_true", help="3x3 stride-1 stem, no maxpool")
+    vision.add_argument("-o", "--output", required=True)
+    vision.set_defaults(func=_shrink_vision)
+    onmt = sub.add_parser("onmt", help="OpenNMT-py checkpoint (LSTM or transformer)")
+    onmt.add_argument("--checkpoint", required=True)
+    onmt.add_argument("--enc-layers", type=int, default=None)
+    onmt.add_argument("--dec-layers", type=int, default=None)
+    onmt.add_argument("--enc-select", default="first", help="first | even | LIST like 0,2")
+    onmt.add_argument("--dec-select", default="first", help="first | even | LIST like 0,2")
+    onmt.add_argument("-o", "--output", required=True)
+    onmt.set_defaults(func=_shrink_onmt)
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+
+
+def _check_input(path: str):
+    from pathlib import Path
+
+    from compressor.cli import UsageError
+
+    if not Path(path).is_file():
+        raise UsageError(f"checkpoint {path} does not exist; pass the teacher file to --checkpoint")
+
+
+def _shrink_vision(args: argparse.Namespace) -> int:
+    from compressor.cli import UsageError
+    from recipes.shrink_vision import load_state, save_references_checkpoint, shrink_resnet
+
+    _check_input(args.checkpoint)
+    from recipes.shrink_vision import RESNET_LAYOUTS
+
+    if args.arch not in RESNET_LAYOUTS:
+        raise UsageError(f"unknown --arch {args.arch!r}; choose one of {sorted(RESNET_LAYOUTS)}")
+    try:
+        blocks = [int(b) for b in args.blocks.split(",")]
+    except ValueError:
+        raise UsageError(f"--blocks must be integers like 2,2,2,2, got {args.blocks!r}") from None
+    try:
+        student, summary = shrink_resnet(
+            load_state(args.checkpoint),
+            args.arch,
+            blocks,
+            select=args.select,
+            num_classes=args.num_classes,
+            cifar_stem=args.cifar_stem,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    save_references_checkpoint(student, summary, args.output)
+    print(json.dumps({**summary, "output": args.output}))
+    return 0
+
+
+def _shrink_onmt(args: argparse.Namespace) -> int:
+    from compressor.cli import UsageError
+    from recipes.shrink_onmt import shrink_onmt_file
+
+    _check_input(args.checkpoint)
+    if args.enc_layers is None and args.dec_layers is None:
+        raise UsageError("nothing to shrink: pass --enc-layers and/or --dec-layers")
+    try:
+        summary = shrink_onmt_file(
+            args.checkpoint,
+            args.output,
+            enc_layers=args.enc_layers,
+            dec_layers=args.dec_layers,
+            enc_select=args.enc_select,
+            dec_select=args.dec_select,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    print(json.dumps({**summary, "output": args.output}))
+    return 0

@@ -1,0 +1,198 @@
+"""Shrink the depth of torchvision ResNet / WideResNet teachers to initialise shallower students.
+
+A student stage keeps a selection of the teacher stage's blocks (first k, evenly spaced, or an
+explicit list); the stem, the first block of each stage (which changes the resolution and width)
+and the classifier are always copied, so the student starts from the teacher's own features.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+RESNET_LAYOUTS = {
+    "resnet18": ("basic", [2, 2, 2, 2], 64),
+    "resnet34": ("basic", [3, 4, 6, 3], 64),
+    "resnet50": ("bottleneck", [3, 4, 6, 3], 64),
+    "resnet101": ("bottleneck", [3, 4, 23, 3], 64),
+    "resnet152": ("bottleneck", [3, 8, 36, 3], 64),
+    "wide_resnet50_2": ("bottleneck", [3, 4, 6, 3], 128),
+    "wide_resnet101_2": ("bottleneck", [3, 4, 23, 3], 128),
+}
+
+
+def select_indices(count: int, keep: int, select: str | Sequence[int]) -> list[int]:
+    """Which of ``count`` teacher layers a student with ``keep`` layers copies."""
+    if keep < 1:
+        raise ValueError(f"a stage needs at least one block, got {keep}; use a value >= 1")
+    if keep > count:
+        raise ValueError(
+            f"cannot keep {keep} layers of a teacher stage that has only {count}; use <= {count}"
+        )
+    if isinstance(select, str) and select == "first":
+        return list(range(keep))
+    if isinstance(select, str) and select == "even":
+        if keep == 1:
+            return [0]
+        return sorted({round(i * (count - 1) / (keep - 1)) for i in range(keep)})
+    indices = [int(i) for i in (select.split(",") if isinstance(select, str) else select)]
+    if len(indices) != keep:
+        raise ValueError(f"selection {indices} names {len(indices)} layers but {keep} are kept")
+    if any(i < 0 or i >= count for i in indices):
+        raise ValueError(f"selection {indices} is out of range for a stage of {count} layers")
+    if sorted(set(indices)) != indices:
+        raise ValueError(f"selection {indices} must be strictly increasing")
+    return indices
+
+
+def load_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a torchvision references checkpoint ({"model": ...}) or a bare one."""
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt file or one holding arbitrary Python objects
+        raise ValueError(
+            f"cannot read {checkpoint} as a weights-only torch checkpoint: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{checkpoint} holds no state dict")
+    return state
+
+
+def _stage_selections(stage_counts, blocks, select) -> list[list[int]]:
+    if len(blocks) != len(stage_counts):
+        raise ValueError(f"--blocks needs {len(stage_counts)} values, got {len(blocks)}")
+    if isinstance(select, str) and select not in ("first", "even"):
+        per_stage = select.split(";") if ";" in select else select.split("/")
+        if len(per_stage) != len(stage_counts):
+            raise ValueError(
+                "an explicit resnet selection names each stage's blocks, stages separated by "
+                f"'/', e.g. '0,1/0,3/0,2/0,2'; got {select!r}"
+            )
+        return [select_indices(c, k, s) for c, k, s in zip(stage_counts, blocks, per_stage)]
+    return [select_indices(c, k, select) for c, k in zip(stage_counts, blocks)]
+
+
+def shrink_resnet(
+    teacher: nn.Module | dict[str, torch.Tensor],
+    arch: str,
+    blocks: Sequence[int],
+    select: str | Sequence[str] = "first",
+    num_classes: int | None = None,
+    cifar_stem: bool = False,
+) -> tuple[nn.Module, dict]:
+    """Return ``(student, summary)``: a ResNet with ``blocks`` blocks per stage whose weights
+    are the selected teacher blocks. ``select`` is "first", "even" or per-stage lists
+    ("0,2/0,1,3/..."); block 0 of each stage should be kept (it holds the downsampling)."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+    if arch not in RESNET_LAYOUTS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(RESNET_LAYOUTS)}")
+    kind, counts, width = RESNET_LAYOUTS[arch]
+    state = teacher.state_dict() if isinstance(teacher, nn.Module) else dict(teacher)
+    blocks = [int(b) for b in blocks]
+    if isinstance(select, (list, tuple)):
+        select = "/".join(select)
+    kept = _stage_selections(counts, blocks, select)
+    if num_classes is None:
+        num_classes = state["fc.weight"].shape[0]
+    block = BasicBlock if kind == "basic" else Bottleneck
+    student = ResNet(block, blocks, num_classes=num_classes, width_per_group=width)
+    if cifar_stem or state.get("conv1.weight", torch.empty(0, 0, 7)).shape[-1] == 3:
+        from vision_plugin.models import cifar_stem_
+
+        cifar_stem_(student)
+    new_state = {}
+    for key, value in state.items():
+        if not key.startswith("layer"):
+            new_state[key] = value
+            continue
+        stage_name, index, rest = key.split(".", 2)
+        stage = int(stage_name[len("layer") :]) - 1
+        if int(index) in kept[stage]:
+            new_state[f"{stage_name}.{kept[stage].index(int(index))}.{rest}"] = value
+    fresh = []
+    if new_state["fc.weight"].shape[0] != num_classes:
+        del new_state["fc.weight"], new_state["fc.bias"]
+        fresh.append("fc")
+    if new_state["conv1.weight"].shape != student.conv1.weight.shape:
+        del new_state["conv1.weight"]  # ImageNet 7x7 stem into a CIFAR 3x3 stem: start fresh
+        fresh.append("conv1")
+    try:
+        missing, unexpected = student.load_state_dict(new_state, strict=False)
+    except RuntimeError as exc:
+        raise ValueError(f"teacher weights do not fit {arch}: {exc}; check --arch") from None
+    missing = [k for k in missing if k.split(".")[0] not in fresh]
+    if unexpected or missing:
+        raise ValueError(
+            f"teacher weights do not fit {arch}: missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}; check --arch"
+        )
+    summary = {
+        "arch": arch,
+        "teacher_blocks": counts,
+        "blocks": blocks,
+        "kept": kept,
+        "freshly_initialised": fresh,
+        "cifar_stem": isinstance(student.maxpool, nn.Identity),
+    }
+    return student, summary
+
+
+def shrink_sequential(
+    features: nn.Sequential, keep: int, select: str | Sequence[int] = "first"
+) -> tuple[nn.Sequential, dict]:
+    """Keep ``keep`` of the conv layers of a VGG-style stack (each conv with the non-conv
+    layers that follow it up to the next conv). Raises ValueError when channels don't chain."""
+    import copy
+
+    groups: list[list[nn.Module]] = []
+    prefix: list[nn.Module] = []
+    for module in features:
+        if isinstance(module, nn.Conv2d):
+            groups.append([module])
+        elif groups:
+            groups[-1].append(module)
+        else:
+            prefix.append(module)
+    indices = select_indices(len(groups), keep, select)
+    channels = None
+    layers: list[nn.Module] = [copy.deepcopy(m) for m in prefix]
+    for i in indices:
+        conv = groups[i][0]
+        if channels is not None and conv.in_channels != channels:
+            raise ValueError(
+                f"conv {i} takes {conv.in_channels} channels but the previous kept conv gives "
+                f"{channels}; keep layers whose channels chain"
+            )
+        channels = conv.out_channels
+        layers.extend(copy.deepcopy(m) for m in groups[i])
+    if groups and groups[0][0].in_channels != groups[indices[0]][0].in_channels:
+        raise ValueError(f"the first kept conv ({indices[0]}) does not take the input channels")
+    if channels != groups[-1][0].out_channels:
+        raise ValueError(
+            "the last kept conv must give the teacher's output channels "
+            f"({groups[-1][0].out_channels}), got {channels}"
+        )
+    return nn.Sequential(*layers), {"conv_layers": len(groups), "kept": indices}
+
+
+def save_references_checkpoint(model: nn.Module, summary: dict, output: str | Path) -> None:
+    """Write {"model", "optimizer", "lr_scheduler", "epoch", "args"} atomically."""
+    output = Path(output)
+    tmp = output.with_name(output.name + ".tmp")
+    checkpoint = {
+        "model": model.state_dict(),
+        "optimizer": None,
+        "lr_scheduler": None,
+        "epoch": 0,
+        "args": summary,
+    }
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, output)
