@@ -3,6 +3,10 @@ distillation and packed model files. Depends on torch and numpy only."""
 
 __version__ = "0.1.0"
 
+from compressor.activations import (  # noqa: E402
+    activation_quantizers,
+    insert_activation_quantizers,
+)
 from compressor.api import (  # noqa: E402
     cached,
     load_shadow_state_dict,
@@ -14,11 +18,49 @@ from compressor.api import (  # noqa: E402
     quantized_tensors,
     shadow_state_dict,
 )
-from compressor.config import QuantConfig  # noqa: E402
+from compressor.bit_allocation import (  # noqa: E402
+    allocate_bits,
+    effective_bits,
+    share_points,
+    weight_importance,
+)
+from compressor.checkpoints import (  # noqa: E402
+    CheckpointError,
+    load_checkpoint,
+)
+from compressor.config import (  # noqa: E402
+    QuantConfig,
+)
+from compressor.differentiable import (  # noqa: E402
+    DifferentiableQuantizer,
+    constrain_points_,
+    differentiable_quantization,
+    freeze_shadow_weights_,
+    keep_points_constrained,
+    point_parameters,
+)
+from compressor.distillation import (  # noqa: E402
+    distillation_loss,
+)
+from compressor.lsq import (  # noqa: E402
+    LsqActivationQuantizer,
+    LsqWeightQuantizer,
+    lsq_quantize,
+)
+from compressor.packed import (  # noqa: E402
+    PackedFormatError,
+    load_packed,
+    packed_info,
+    save_packed,
+)
 from compressor.parametrizations import (  # noqa: E402
     NonUniformQuantizer,
     UniformQuantizer,
     WeightQuantizer,
+)
+from compressor.qkd import (  # noqa: E402
+    QKDSchedule,
+    qkd_train,
 )
 from compressor.quantizers import (  # noqa: E402
     BucketCodes,
@@ -31,65 +73,13 @@ from compressor.quantizers import (  # noqa: E402
     quantize_tensor,
     uniform_points,
 )
-from compressor.report import SizeReport, size_report  # noqa: E402
-from compressor.spec import QuantSpec  # noqa: E402
-
-__all__ = [
-    "__version__",
-    "BucketCodes",
-    "NonUniformQuantizer",
-    "QuantConfig",
-    "QuantSpec",
-    "SizeReport",
-    "UniformQuantizer",
-    "WeightQuantizer",
-    "cached",
-    "decode_nonuniform",
-    "decode_uniform",
-    "encode_nonuniform",
-    "encode_uniform",
-    "load_shadow_state_dict",
-    "materialize_",
-    "quantile_points",
-    "quantizable_weights",
-    "quantization_specs",
-    "quantize_",
-    "quantize_nonuniform",
-    "quantize_tensor",
-    "quantized_state_dict",
-    "quantized_tensors",
-    "shadow_state_dict",
-    "size_report",
-    "uniform_points",
-]
-
-from compressor.packed import (  # noqa: E402
-    PackedFormatError,
-    load_packed,
-    packed_info,
-    save_packed,
+from compressor.report import (  # noqa: E402
+    SizeReport,
+    size_report,
 )
-
-__all__ += ["PackedFormatError", "load_packed", "packed_info", "save_packed"]
-
-from compressor.activations import activation_quantizers, insert_activation_quantizers  # noqa: E402
-from compressor.bit_allocation import (  # noqa: E402
-    allocate_bits,
-    effective_bits,
-    share_points,
-    weight_importance,
+from compressor.spec import (  # noqa: E402
+    QuantSpec,
 )
-from compressor.differentiable import (  # noqa: E402
-    DifferentiableQuantizer,
-    constrain_points_,
-    differentiable_quantization,
-    freeze_shadow_weights_,
-    keep_points_constrained,
-    point_parameters,
-)
-from compressor.distillation import distillation_loss  # noqa: E402
-from compressor.lsq import LsqActivationQuantizer, LsqWeightQuantizer, lsq_quantize  # noqa: E402
-from compressor.qkd import QKDSchedule, qkd_train  # noqa: E402
 from compressor.training import (  # noqa: E402
     DistillConfig,
     distill_step,
@@ -98,32 +88,60 @@ from compressor.training import (  # noqa: E402
     quantized_distillation,
 )
 
-__all__ += [
+__all__ = [
+    "__version__",
+    "BucketCodes",
+    "CheckpointError",
     "DifferentiableQuantizer",
     "DistillConfig",
     "LsqActivationQuantizer",
     "LsqWeightQuantizer",
+    "NonUniformQuantizer",
+    "PackedFormatError",
     "QKDSchedule",
+    "QuantConfig",
+    "QuantSpec",
+    "SizeReport",
+    "UniformQuantizer",
+    "WeightQuantizer",
     "activation_quantizers",
     "allocate_bits",
+    "cached",
     "constrain_points_",
+    "decode_nonuniform",
+    "decode_uniform",
     "differentiable_quantization",
     "distill_step",
     "distillation_loss",
     "effective_bits",
+    "encode_nonuniform",
+    "encode_uniform",
     "finish_",
     "freeze_",
     "freeze_shadow_weights_",
     "insert_activation_quantizers",
     "keep_points_constrained",
+    "load_checkpoint",
+    "load_packed",
+    "load_shadow_state_dict",
     "lsq_quantize",
+    "materialize_",
+    "packed_info",
     "point_parameters",
     "qkd_train",
+    "quantile_points",
+    "quantizable_weights",
+    "quantization_specs",
+    "quantize_",
+    "quantize_nonuniform",
+    "quantize_tensor",
     "quantized_distillation",
+    "quantized_state_dict",
+    "quantized_tensors",
+    "save_packed",
+    "shadow_state_dict",
     "share_points",
+    "size_report",
+    "uniform_points",
     "weight_importance",
 ]
-
-from compressor.checkpoints import CheckpointError, load_checkpoint  # noqa: E402
-
-__all__ += ["CheckpointError", "load_checkpoint"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -14,6 +16,66 @@ def check_distillation_settings(temperature: float, alpha: float) -> None:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+
+
+class DistillationTerms(NamedTuple):
+    """The two summed terms of the loss over the counted positions, and their number."""
+
+    hard: torch.Tensor | None  # sum of CE(student, target); None without labels
+    soft: torch.Tensor | None  # sum of T^2 * KL(p_teacher^T || p_student^T); None if not asked
+    count: int
+
+
+def distillation_terms(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int = -100,
+    hard: bool = True,
+    soft: bool = True,
+) -> DistillationTerms:
+    """Each term of :func:`distillation_loss` once, summed over the positions whose target is
+    not ``ignore_index`` (every position when ``target`` is None), computed in fp32."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ in shape (do the vocabularies match?)"
+        )
+    classes = student_logits.shape[-1]
+    student = student_logits.reshape(-1, classes).float()
+    teacher = teacher_logits.detach().reshape(-1, classes).float()
+    if target is not None:
+        target = target.reshape(-1)
+        if target.numel() != student.shape[0]:
+            raise ValueError(
+                f"target has {target.numel()} positions, logits have {student.shape[0]}"
+            )
+        keep = target != ignore_index
+        student, teacher, target = student[keep], teacher[keep], target[keep]
+    hard_sum = None
+    if hard and target is not None:
+        hard_sum = F.cross_entropy(student, target, reduction="sum")
+    soft_sum = None
+    if soft:
+        log_p_student = F.log_softmax(student / temperature, dim=-1)
+        log_p_teacher = F.log_softmax(teacher / temperature, dim=-1)
+        kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="sum")
+        soft_sum = temperature**2 * kl
+    return DistillationTerms(hard_sum, soft_sum, student.shape[0])
+
+
+def combine_terms(terms: DistillationTerms, alpha: float, reduction: str = "mean") -> torch.Tensor:
+    """``(1 - alpha) * hard + alpha * soft`` (only ``soft`` without labels), summed or averaged
+    over the counted positions."""
+    weights = (1.0 - alpha, alpha) if terms.hard is not None else (0.0, 1.0)
+    total = None
+    for weight, term in zip(weights, (terms.hard, terms.soft)):
+        if weight > 0 and term is not None:
+            total = weight * term if total is None else total + weight * term
+    if total is None:
+        raise ValueError("no loss term to combine (alpha and the available terms leave none)")
+    return total if reduction == "sum" else total / max(terms.count, 1)
 
 
 def distillation_loss(
@@ -37,35 +99,14 @@ def distillation_loss(
     check_distillation_settings(temperature, alpha)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits "
-            f"{tuple(teacher_logits.shape)} differ in shape (do the vocabularies match?)"
-        )
-    classes = student_logits.shape[-1]
-    student = student_logits.reshape(-1, classes).float()
-    teacher = teacher_logits.detach().reshape(-1, classes).float()
-    if target is None:
-        keep = None
-        soft_weight, hard_weight = 1.0, 0.0
-    else:
-        target = target.reshape(-1)
-        if target.numel() != student.shape[0]:
-            raise ValueError(
-                f"target has {target.numel()} positions, logits have {student.shape[0]}"
-            )
-        keep = target != ignore_index
-        student, teacher, target = student[keep], teacher[keep], target[keep]
-        soft_weight, hard_weight = alpha, 1.0 - alpha
-
-    total = student.new_zeros(())
-    if hard_weight > 0:
-        total = total + hard_weight * F.cross_entropy(student, target, reduction="sum")
-    if soft_weight > 0:
-        log_p_student = F.log_softmax(student / temperature, dim=-1)
-        log_p_teacher = F.log_softmax(teacher / temperature, dim=-1)
-        kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="sum")
-        total = total + soft_weight * temperature**2 * kl
-    if reduction == "sum":
-        return total
-    return total / max(student.shape[0], 1)
+    labelled = target is not None
+    terms = distillation_terms(
+        student_logits,
+        teacher_logits,
+        target,
+        temperature,
+        ignore_index,
+        hard=labelled and alpha < 1,
+        soft=not labelled or alpha > 0,
+    )
+    return combine_terms(terms, alpha, reduction)

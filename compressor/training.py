@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from compressor.api import cached, materialize_
-from compressor.distillation import check_distillation_settings, distillation_loss
+from compressor.distillation import check_distillation_settings, combine_terms, distillation_terms
 
 Forward = Callable[[nn.Module, Any], torch.Tensor]
 # loss_fn(student_logits, teacher_logits or None, target) -> scalar loss to back-propagate
@@ -76,39 +76,31 @@ def distill_step(
     with cached():  # quantize each weight once per step, however often the model reads it
         student_logits = forward(student, inputs)
         teacher_logits = None
+        soft = float("nan")
         if teacher is not None:
             with torch.no_grad():
                 teacher_logits = forward(teacher, inputs)
         if loss_fn is not None:
             loss = loss_fn(student_logits, teacher_logits, target)
+            if teacher_logits is not None:  # a custom loss does not expose its terms
+                with torch.no_grad():
+                    terms = distillation_terms(
+                        student_logits, teacher_logits, target, config.temperature,
+                        config.ignore_index, hard=False,
+                    )  # fmt: skip
+                soft = float(terms.soft) / max(terms.count, 1)
         elif teacher is None:
             loss = nn.functional.cross_entropy(
                 student_logits.reshape(-1, student_logits.shape[-1]).float(),
                 target.reshape(-1),
                 ignore_index=config.ignore_index,
             )
-        else:
-            loss = distillation_loss(
-                student_logits,
-                teacher_logits,
-                target,
-                config.temperature,
-                config.alpha,
-                config.ignore_index,
+        else:  # both terms once: the soft one is also what the step reports
+            terms = distillation_terms(
+                student_logits, teacher_logits, target, config.temperature, config.ignore_index
             )
-        soft = float("nan")
-        if teacher_logits is not None:
-            with torch.no_grad():
-                soft = float(
-                    distillation_loss(
-                        student_logits,
-                        teacher_logits,
-                        target,
-                        config.temperature,
-                        1.0,
-                        config.ignore_index,
-                    )
-                )
+            loss = combine_terms(terms, config.alpha)
+            soft = float(terms.soft.detach()) / max(terms.count, 1)
         loss.backward()
     optimizer.step()
     return {"loss": loss.item(), "distillation": soft}

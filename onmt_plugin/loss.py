@@ -16,18 +16,31 @@ def distillation_loss_class(base: type) -> type:
         def from_opts(cls, opt, model, vocab, train=True):  # noqa: ANN001, ANN206
             loss = super().from_opts(opt, model, vocab, train=train)
             loss.qdistill = getattr(model, "_qdistill", None) if train else None
+            loss.captured = None
+            if loss.qdistill is not None:
+                # Keep the student logits OpenNMT's own loss computes, instead of running the
+                # full-vocabulary generator a second time for the distillation term.
+                loss.generator.register_forward_hook(loss._capture)
             return loss
 
+        def _capture(self, module, inputs, output):  # noqa: ANN001, ANN202
+            if self.captured is not None and not self.captured:
+                self.captured.append(output)
+
         def forward(self, batch, output, attns, trunc_start=0, trunc_size=None):  # noqa: ANN001, ANN201
-            loss, stats = super().forward(batch, output, attns, trunc_start, trunc_size)
             state = getattr(self, "qdistill", None)
             if state is None or self.copy_attn:
-                return loss, stats
+                return super().forward(batch, output, attns, trunc_start, trunc_size)
+            self.captured = []
+            try:
+                loss, stats = super().forward(batch, output, attns, trunc_start, trunc_size)
+                student = self.captured[0]
+            finally:
+                self.captured = None
             if trunc_size is None:
                 trunc_size = batch["tgt"].size(1) - trunc_start
             end = trunc_start + trunc_size
             target = batch["tgt"][:, trunc_start + self.tgt_shift_index : end, 0]
-            student = self.generator(self._bottle(output[:, trunc_start:end, :].contiguous()))
             teacher = teacher_logits(state, batch, end)[: student.size(0)]
             settings = state.settings
             soft = distillation_loss(
