@@ -8,7 +8,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 CONSTRAINTS := constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo lint bench clean-venv
+.PHONY: venv test demo demo-vision lint bench clean-venv
 
 venv: $(STAMP)
 
@@ -26,8 +26,13 @@ $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS) Makefile
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS) tests
 
+# The main job: an OpenNMT-py translator (Multi30k de->en sample) compressed end to end.
 demo: $(STAMP)
-	$(PY) -m vision_plugin.demo --output-dir demo_out
+	$(PY) -m onmt_plugin.demo --output-dir demo_out/multi30k
+
+# The same for a torchvision classifier (CIFAR-10 sample).
+demo-vision: $(STAMP)
+	$(PY) -m vision_plugin.demo --output-dir demo_out/cifar10
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

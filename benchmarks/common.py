@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from recipes.environment import environment
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -38,31 +38,6 @@ def ratio(numerator: dict, denominator: dict) -> dict:
         "median": numerator["median_s"] / denominator["median_s"],
         "min": numerator["min_s"] / denominator["max_s"],
         "max": numerator["max_s"] / denominator["min_s"],
-    }
-
-
-def environment() -> dict:
-    """Versions, machine and commit that a figure was measured with."""
-    import numpy
-    import torch
-
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "commit": commit,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 

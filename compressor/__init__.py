@@ -49,6 +49,7 @@ from compressor.lsq import (  # noqa: E402
 )
 from compressor.packed import (  # noqa: E402
     PackedFormatError,
+    is_packed,
     load_packed,
     packed_info,
     save_packed,
@@ -122,6 +123,7 @@ __all__ = [
     "insert_activation_quantizers",
     "keep_points_constrained",
     "load_checkpoint",
+    "is_packed",
     "load_packed",
     "load_shadow_state_dict",
     "lsq_quantize",

@@ -90,6 +90,7 @@ class PackedCoderInfo:
 def _tensors_and_specs(
     model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
     specs: Mapping[str, QuantSpec] | None,
+    shadow: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, QuantSpec], dict[str, BucketCodes]]:
     """Plain-named tensors to store, the specs of the quantized ones, and codes encoded from
     the shadow weights where a parametrized model provides them."""
@@ -108,7 +109,9 @@ def _tensors_and_specs(
         raise TypeError(
             f"save_packed takes a model or a state dict, got {type(model_or_state_dict).__name__}"
         )
-    return dict(model_or_state_dict), dict(specs or {}), {}
+    specs = dict(specs or {})
+    encoded = {name: specs[name].encode(shadow[name]) for name in specs if name in (shadow or {})}
+    return dict(model_or_state_dict), specs, encoded
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
@@ -163,6 +166,7 @@ def save_packed(
     metadata: Mapping[str, object] | None = None,
     specs: Mapping[str, QuantSpec] | None = None,
     entropy: str | None = None,
+    shadow: Mapping[str, torch.Tensor] | None = None,
 ) -> int:
     """Write a packed model file; returns its size in bytes.
 
@@ -176,6 +180,9 @@ def save_packed(
             model's own are read from it).
         entropy: None (codes bit-packed at their width), "huffman" (the paper's code over the
             pooled histogram) or "ans" (rANS, at the entropy bound; needs ``constriction``).
+        shadow: for a state dict, the full-precision weights its quantized tensors came from
+            (a training checkpoint's shadow weights): codes are encoded from them, which
+            grids whose points stop short of a bucket's ends (learned points) need.
     """
     if entropy not in ENTROPY_CODERS:
         raise ValueError(f"entropy must be one of {ENTROPY_CODERS}, got {entropy!r}")
@@ -185,7 +192,7 @@ def save_packed(
         user = _json(dict(metadata or {}))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"metadata must be JSON-serialisable ({exc})") from None
-    tensors, specs, given_codes = _tensors_and_specs(model_or_state_dict, specs)
+    tensors, specs, given_codes = _tensors_and_specs(model_or_state_dict, specs, shadow)
     unknown = sorted(set(specs) - set(tensors))
     if unknown:
         raise ValueError(f"specs name tensors that are not in the state dict: {unknown[:5]}")
@@ -549,6 +556,21 @@ def load_packed(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]
         raise PackedFormatError(f"{path}: damaged metadata ({type(exc).__name__}: {exc})") from None
     except RuntimeError as exc:  # torch refusing a shape or size that the checks let through
         raise PackedFormatError(f"{path}: inconsistent tensor ({exc})") from None
+
+
+def is_packed(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a qdistill packed file, from its header alone (cheap: tools that
+    accept either a checkpoint or a packed file ask this before choosing a loader)."""
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            header_len = int.from_bytes(handle.read(8), "little")
+            if size < 8 or header_len > min(size - 8, 1 << 28):
+                return False
+            metadata = json.loads(handle.read(header_len)).get("__metadata__") or {}
+        return isinstance(metadata, dict) and metadata.get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def packed_specs(path: str | os.PathLike) -> dict[str, QuantSpec]:

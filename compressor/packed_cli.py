@@ -26,10 +26,30 @@ def _existing_file(path: str) -> Path:
     return p
 
 
-def load_checkpoint_state(path: str | os.PathLike) -> tuple[dict, dict]:
-    """A state dict from a ``.pt`` checkpoint (a plain state dict, or a dict with a ``model``
-    key as torchvision's references save) or a ``.safetensors`` file, loaded without running
-    any pickled code; also returns the checkpoint's recorded qdistill settings, if any."""
+CHECKPOINT_FORMATS = "qdistill.checkpoint_formats"
+
+
+def checkpoint_formats() -> dict[str, object]:
+    """Plugins that know a framework's checkpoint layout, by name (entry-point group
+    ``qdistill.checkpoint_formats``). Each is a module with ``from_checkpoint(checkpoint)``,
+    returning ``(state, metadata)`` or None when the checkpoint is not its kind, and
+    ``to_checkpoint(state, metadata)``, the inverse, used by ``qdistill unpack``."""
+    from importlib.metadata import entry_points
+
+    found = {}
+    for ep in entry_points(group=CHECKPOINT_FORMATS):
+        try:
+            found[ep.name] = ep.load()
+        except ImportError:  # an optional plugin whose dependencies are missing
+            continue
+    return found
+
+
+def load_checkpoint_state(path: str | os.PathLike) -> tuple[dict, dict, dict]:
+    """A state dict from a ``.pt`` checkpoint (a plain state dict, a dict with a ``model`` key
+    as torchvision's references save, or a layout a plugin knows) or a ``.safetensors`` file,
+    loaded without running any pickled code. Also returns the checkpoint's recorded qdistill
+    settings, if any, and the metadata a packed file needs to rebuild the checkpoint."""
     import torch
 
     path = Path(path)
@@ -37,7 +57,7 @@ def load_checkpoint_state(path: str | os.PathLike) -> tuple[dict, dict]:
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path)), {}
+            return load_file(str(path)), {}, {}
         except Exception as exc:
             raise UsageError(f"{path}: not a readable safetensors file ({exc})") from None
     from compressor.checkpoints import CheckpointError, load_checkpoint
@@ -49,12 +69,20 @@ def load_checkpoint_state(path: str | os.PathLike) -> tuple[dict, dict]:
     if not isinstance(checkpoint, Mapping):
         raise UsageError(f"{path}: expected a state dict or a dict with a 'model' key")
     recorded = checkpoint.get("qdistill") if isinstance(checkpoint.get("qdistill"), Mapping) else {}
+    for name, plugin in checkpoint_formats().items():
+        try:
+            found = plugin.from_checkpoint(checkpoint)
+        except ValueError as exc:
+            raise UsageError(f"{path}: {exc}") from None
+        if found is not None:
+            state, metadata = found
+            return state, dict(recorded), {"checkpoint_format": name, **metadata}
     state = checkpoint.get("model", checkpoint)
     if not isinstance(state, Mapping) or not any(
         isinstance(v, torch.Tensor) for v in state.values()
     ):
         raise UsageError(f"{path}: holds no tensors under 'model' or at its top level")
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, dict(recorded)
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, dict(recorded), {}
 
 
 def pack_checkpoint(
@@ -68,12 +96,14 @@ def pack_checkpoint(
     entropy: str | None = None,
     recorded_specs: Mapping[str, dict | object] | None = None,
     metadata: Mapping | None = None,
+    shadow: Mapping | None = None,
 ) -> int:
     """Quantize and pack a state dict: every floating-point tensor of two or more dimensions
     whose name matches ``include`` (and not ``exclude``), unless ``recorded_specs``
     (``{name: QuantSpec or its dict}``) already say how each tensor was quantized: then those
-    tensors must hold quantized values and are stored exactly (verified bit for bit).
-    Returns the size of the written file in bytes."""
+    tensors must hold quantized values and are stored exactly (verified bit for bit); the
+    ``shadow`` weights of a training checkpoint give the codes of learned (differentiable)
+    grids. Returns the size of the written file in bytes."""
     from compressor.packed import save_packed
     from compressor.quantizers import quantile_points
     from compressor.spec import QuantSpec
@@ -106,7 +136,9 @@ def pack_checkpoint(
             tensors[name] = spec.quantize(value)
         if not specs:
             raise UsageError("no tensor selected for quantization (check --include/--exclude)")
-    return save_packed(tensors, output, metadata=metadata, specs=specs, entropy=entropy)
+    return save_packed(
+        tensors, output, metadata=metadata, specs=specs, entropy=entropy, shadow=shadow
+    )
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -176,7 +208,7 @@ def _pack(args: argparse.Namespace) -> int:
                 re.compile(pattern)
             except re.error as exc:
                 raise UsageError(f"{option}: {pattern!r} is not a valid regex ({exc})") from None
-    state, recorded = load_checkpoint_state(source)
+    state, recorded, metadata = load_checkpoint_state(source)
     entropy = None if args.entropy == "none" else args.entropy
     try:
         size = pack_checkpoint(
@@ -189,7 +221,8 @@ def _pack(args: argparse.Namespace) -> int:
             exclude=args.exclude,
             entropy=entropy,
             recorded_specs=None if args.requantize else recorded.get("specs"),
-            metadata={"source": source.name},
+            metadata={"source": source.name, **metadata},
+            shadow=None if args.requantize else recorded.get("shadow"),
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -217,7 +250,10 @@ def _unpack(args: argparse.Namespace) -> int:
     os.fchmod(fd, default_file_mode())
     os.close(fd)
     try:
-        if output.suffix == ".pt":
+        plugin = checkpoint_formats().get(metadata.get("checkpoint_format"))
+        if plugin is not None and output.suffix == ".pt":
+            torch.save(plugin.to_checkpoint(state, metadata), tmp)
+        elif output.suffix == ".pt":
             torch.save(state, tmp)
         else:
             from safetensors.torch import save_file

@@ -5,8 +5,13 @@ numbers are those of the model, vocabulary and transforms stored in the checkpoi
 
 - BLEU and chrF: sacrebleu corpus scores against the references, with sacrebleu's signature.
 - gold perplexity: ``onmt_translate -tgt REF`` scores the references in teacher-forcing mode;
-  ``ppl_token`` = exp(-sum of gold log-probs / reference tokens), tokens counted as whitespace
-  words of REF plus one end-of-sentence per line (exact when REF is fed to the model as is).
+  ``ppl_word`` = exp(-sum of gold log-probs / (words of REF + one end of sentence per line)),
+  words being whitespace-separated. The sum is over whatever units the model predicts (words or
+  subwords), so the figure is a per-word perplexity that models with different subword
+  vocabularies share; on pre-tokenized, word-level data it is the usual token perplexity.
+- subwords: ``--src-subword-model``/``--tgt-subword-model`` (sentencepiece) run OpenNMT's own
+  ``sentencepiece`` transform, which also detokenizes the output, so BLEU and chrF are computed
+  on plain text against plain references, as sacrebleu expects.
 - size: bytes of the file on disk; ``compression`` = baseline bytes / bytes (``--baseline NAME``).
 - speed: hypothesis tokens (whitespace) per second of the translation subprocess wall time
   (includes model loading, so it is a lower bound).
@@ -42,7 +47,7 @@ class EvalRow:
     compression: float | None = None
     bleu: float | None = None
     chrf: float | None = None
-    ppl_token: float | None = None
+    ppl_word: float | None = None
     tokens_per_s: float | None = None
     agreement_bleu: float | None = None
     extra: dict = field(default_factory=dict)
@@ -118,7 +123,7 @@ def evaluate_model(
         scores = [float(match.group(1)) * len(refs)] if match else []
     if scores:
         tokens = sum(len(r.split()) + 1 for r in refs)
-        row.ppl_token = math.exp(-sum(scores) / tokens) if tokens else None
+        row.ppl_word = math.exp(-sum(scores) / tokens) if tokens else None
     return row, hyps
 
 
@@ -126,13 +131,13 @@ def render(rows: list[EvalRow]) -> str:
     def fmt(v: object, spec: str) -> str:
         return "-" if v is None else format(v, spec)
 
-    head = f"{'model':<22}{'bytes':>12}{'compr.':>8}{'BLEU':>7}{'chrF':>7}{'ppl':>9}{'tok/s':>9}{'agree':>7}"  # noqa: E501
+    head = f"{'model':<22}{'bytes':>12}{'compr.':>8}{'BLEU':>7}{'chrF':>7}{'ppl/word':>9}{'tok/s':>9}{'agree':>7}"  # noqa: E501
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r.name:<22}{fmt(r.bytes, 'd'):>12}{fmt(r.compression, '.2f'):>8}"
             f"{fmt(r.bleu, '.2f'):>7}"
-            f"{fmt(r.chrf, '.2f'):>7}{fmt(r.ppl_token, '.2f'):>9}{fmt(r.tokens_per_s, '.1f'):>9}"
+            f"{fmt(r.chrf, '.2f'):>7}{fmt(r.ppl_word, '.2f'):>9}{fmt(r.tokens_per_s, '.1f'):>9}"
             f"{fmt(r.agreement_bleu, '.1f'):>7}"
         )
     return "\n".join(lines)
@@ -154,6 +159,14 @@ def run(args: argparse.Namespace) -> int:
     rows: list[EvalRow] = []
     hyps_by_name: dict[str, list[str]] = {}
     extra = ["-gpu", "-1", "-batch_size", str(args.batch_size), "-beam_size", str(args.beam_size)]
+    if bool(args.src_subword_model) != bool(args.tgt_subword_model):
+        raise UsageError("give both --src-subword-model and --tgt-subword-model, or neither")
+    if args.src_subword_model:
+        for model in (args.src_subword_model, args.tgt_subword_model):
+            if not os.path.isfile(model):
+                raise UsageError(f"subword model {model} does not exist")
+        extra += ["-transforms", "sentencepiece", "-src_subword_model", args.src_subword_model,
+                  "-tgt_subword_model", args.tgt_subword_model]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.models:
             name, path = _named(spec)
@@ -209,6 +222,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", help="NAME whose file size is the compression baseline")
     p.add_argument("--teacher", help="NAME whose hypotheses define agreement (BLEU vs teacher)")
     p.add_argument("--json", help="write the metrics as JSON to this path")
+    p.add_argument("--src-subword-model", help="sentencepiece model of the source side")
+    p.add_argument("--tgt-subword-model", help="sentencepiece model of the target side")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--beam-size", type=int, default=1)
     p.set_defaults(func=run)

@@ -10,7 +10,8 @@
 - ``onmt.models.model_saver``: checkpoints hold the quantized values under OpenNMT's plain
   names (stock ``onmt_translate`` loads them), the full-precision shadow weights travel under
   ``checkpoint["qdistill"]``; checkpoints pickle an ``argparse.Namespace``, which torch >= 2.6
-  refuses to load by default, so it is allow-listed.
+  refuses to load by default, so it is allow-listed; ``load_checkpoint`` also takes the packed
+  files ``qdistill pack`` writes, so ``onmt_translate -model student.qd`` works.
 """
 
 from __future__ import annotations
@@ -103,3 +104,20 @@ def _patch_model_saver(model_saver: ModuleType) -> None:
         return ckpt_path, model_path
 
     saver._save = _save
+
+    load_checkpoint = model_saver.load_checkpoint
+
+    def load_packed_or_checkpoint(ckpt_path):  # noqa: ANN001, ANN202
+        from compressor.packed import is_packed
+
+        if ckpt_path and is_packed(ckpt_path):
+            from onmt_plugin.packing import load
+
+            try:
+                return load(ckpt_path)
+            except ValueError as exc:
+                fail(str(exc))
+        return load_checkpoint(ckpt_path)
+
+    # onmt.model_builder imports this name after this module has run, so it sees the wrapper.
+    model_saver.load_checkpoint = load_packed_or_checkpoint

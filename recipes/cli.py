@@ -89,3 +89,50 @@ def _shrink_onmt(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     print(json.dumps({**summary, "output": args.output}))
     return 0
+
+
+def _recipe_list(args: argparse.Namespace) -> int:
+    from compressor.cli import UsageError
+    from recipes.experiments import RecipeError, list_recipes
+
+    try:
+        recipes = list_recipes()
+    except RecipeError as exc:
+        raise UsageError(str(exc)) from None
+    for recipe in recipes:
+        print(f"{recipe.name:<10} [{recipe.engine}; scales: {', '.join(recipe.scales)}]")
+        print(f"           {recipe.description}")
+    return 0
+
+
+def _recipe_run(args: argparse.Namespace) -> int:
+    from compressor.cli import UsageError
+    from recipes.experiments import RecipeError, load_recipe, run_recipe
+
+    try:
+        recipe = load_recipe(args.name)
+        smoke = " (smoke)" if args.smoke else ""
+        output = args.output_dir or f"runs/{recipe.name}-{args.scale}{'-smoke' if smoke else ''}"
+        print(f"recipe {recipe.name}, {args.scale} scale{smoke} -> {output}", flush=True)
+        result = run_recipe(recipe, args.scale, output, smoke=args.smoke, data_root=args.data_path)
+    except (RecipeError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from None
+    except RuntimeError as exc:  # a training or evaluation tool failed; its log says why
+        raise UsageError(str(exc)) from None
+    print(f"wrote {output}/result.json ({len(result['rows'])} results, {result['seconds']:.0f} s)")
+    return 0
+
+
+def register_recipe(subparsers) -> None:
+    parser = subparsers.add_parser("recipe", help="run the paper's experiments (list, run)")
+    sub = parser.add_subparsers(dest="recipe_command", metavar="ACTION")
+    listing = sub.add_parser("list", help="the recipes and their scales")
+    listing.set_defaults(func=_recipe_list)
+    run = sub.add_parser("run", help="run (or resume) one recipe")
+    run.add_argument("name", help="recipe name (see `qdistill recipe list`) or a YAML file")
+    run.add_argument("--scale", choices=("cpu", "paper"), default="cpu")
+    run.add_argument("--smoke", action="store_true", help="a few steps of everything")
+    run.add_argument("--output-dir", help="where results go (default runs/NAME-SCALE)")
+    run.add_argument("--data-path", help="data root (default: $QDISTILL_DATA or ../shared/data)")
+    run.set_defaults(func=_recipe_run)
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)

@@ -45,13 +45,16 @@ class SmallRunConfig:
     lr: float = 0.05
     teacher_width: int = 32
     student_width: int = 16
+    teacher_depth: int = 3
+    student_depth: int = 2
     temperature: float = 2.0
     alpha: float = 0.7
     seed: int = 0
+    device: str = "cpu"
 
 
 def load_cifar10(
-    root: Path, train_images: int, test_images: int, seed: int = 0
+    root: Path, train_images: int, test_images: int, seed: int = 0, device: str = "cpu"
 ) -> dict[str, torch.Tensor]:
     """A fixed random subset of CIFAR-10's npz files (which are sorted by class), normalised,
     as NCHW float tensors."""
@@ -66,7 +69,8 @@ def load_cifar10(
             images = torch.from_numpy(npz["images"][chosen]).permute(0, 3, 1, 2).float() / 255
             labels = torch.from_numpy(labels[chosen]).long()
         mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
-        out[f"{split}_x"], out[f"{split}_y"] = (images - mean) / std, labels
+        out[f"{split}_x"] = ((images - mean) / std).to(device)
+        out[f"{split}_y"] = labels.to(device)
     return out
 
 
@@ -91,7 +95,7 @@ def batches(data: dict, batch_size: int, seed: int) -> Iterator[tuple[torch.Tens
         for start in range(0, len(y) - batch_size + 1, batch_size):
             idx = order[start : start + batch_size]
             images = x[idx]
-            flip = torch.rand(len(idx), generator=gen) < 0.5
+            flip = (torch.rand(len(idx), generator=gen) < 0.5).to(images.device)
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
             yield images, y[idx]
 
@@ -128,14 +132,14 @@ def _train(model, teacher, data, cfg, steps, alpha):  # noqa: ANN001, ANN202
 
 def train_teacher(data: dict, cfg: SmallRunConfig) -> nn.Module:
     torch.manual_seed(cfg.seed)
-    teacher = tiny_cnn(cfg.teacher_width, depth=3)
+    teacher = tiny_cnn(cfg.teacher_width, cfg.teacher_depth).to(cfg.device)
     _train(teacher, None, data, cfg, cfg.steps, cfg.alpha)
     return teacher
 
 
 def student(cfg: SmallRunConfig) -> nn.Module:
     torch.manual_seed(cfg.seed + 1)
-    return tiny_cnn(cfg.student_width, depth=2)
+    return tiny_cnn(cfg.student_width, cfg.student_depth).to(cfg.device)
 
 
 def run_fp32_student(data: dict, cfg: SmallRunConfig, teacher: nn.Module | None) -> nn.Module:
@@ -148,16 +152,20 @@ def run_post_training(model: nn.Module, bits: int) -> nn.Module:
     """PM quantization: quantize a trained model's weights once, no training."""
     quantized = copy.deepcopy(model)
     compressor.quantize_(quantized, compressor.QuantConfig(bits=bits))
-    return compressor.materialize_(quantized)
+    return compressor.materialize_(quantized.to(_device(model)))
 
 
 def run_quantized_distillation(
     data: dict, cfg: SmallRunConfig, teacher: nn.Module, bits: int
 ) -> tuple[nn.Module, list[dict]]:
     model = student(cfg)
-    compressor.quantize_(model, compressor.QuantConfig(bits=bits))
+    compressor.quantize_(model, compressor.QuantConfig(bits=bits)).to(cfg.device)
     history = _train(model, teacher, data, cfg, cfg.steps, cfg.alpha)
     return compressor.materialize_(model), history
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _cross_entropy(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -168,10 +176,10 @@ def run_differentiable_quantization(
     data: dict, cfg: SmallRunConfig, teacher: nn.Module, fp32_student: nn.Module, bits: int
 ) -> tuple[nn.Module, dict[str, int]]:
     """Algorithm 2 with bit allocation, starting from the trained full-precision student."""
-    model = copy.deepcopy(fp32_student)
+    model = copy.deepcopy(fp32_student).train()  # accuracy() may have left it in eval mode
     points = allocate_bits(model, batches(data, cfg.batch_size, cfg.seed), _cross_entropy, bits)
     config = compressor.QuantConfig(bits=bits, method="differentiable", num_points=points)
-    compressor.quantize_(model, config)
+    compressor.quantize_(model, config).to(cfg.device)
     differentiable_quantization(
         model,
         batches(data, cfg.batch_size, cfg.seed + 2),
@@ -195,8 +203,9 @@ def run_qkd(
     """QKD W{bits}A{act_bits}: the three phases, a third of the steps each, on a copy of the
     teacher. As in QKD, the student starts from a trained full-precision model (``init``) and
     is fine-tuned at a fifth of the learning rate; without ``init`` it starts from scratch."""
-    model = copy.deepcopy(init) if init is not None else student(cfg)
-    compressor.quantize_(model, compressor.QuantConfig(bits=bits, method="lsq", act_bits=act_bits))
+    model = (copy.deepcopy(init) if init is not None else student(cfg)).train()
+    config = compressor.QuantConfig(bits=bits, method="lsq", act_bits=act_bits)
+    compressor.quantize_(model, config).to(cfg.device)
     with torch.no_grad():  # initialise the activation steps from a batch
         model(data["train_x"][: cfg.batch_size])
     teacher = copy.deepcopy(teacher)
@@ -214,7 +223,8 @@ def run_qkd(
 def run_all(cfg: SmallRunConfig, root: Path | None = None) -> dict[str, float]:
     """Every method once; returns test accuracy (%) by method name."""
     torch.manual_seed(cfg.seed)
-    data = load_cifar10(root or data_root(), cfg.train_images, cfg.test_images, cfg.seed)
+    data = load_cifar10(root or data_root(), cfg.train_images, cfg.test_images, cfg.seed,
+                        cfg.device)  # fmt: skip
     teacher = train_teacher(data, cfg)
     results = {"teacher fp32": accuracy(teacher, data)}
     plain = run_fp32_student(data, cfg, None)

@@ -4,6 +4,7 @@ en-de data: options, quantized distillation, checkpoints, resume, packing, PM, e
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -156,16 +157,51 @@ def test_transformer_student_with_tied_generator_and_packing(corpus, tmp_path):
     assert torch.equal(
         state["generator.weight"], state["decoder.embeddings.make_embedding.emb_luts.0.weight"]
     )
+    # `qdistill pack` keeps the recorded grids bit for bit, with the vocabulary and options.
+    done = _run([BIN / "qdistill", "pack", "transformer_step_10.pt", "-o", tmp_path / "t.qd"],
+                corpus)  # fmt: skip
+    assert "smaller than transformer_step_10.pt" in done.stdout
     from compressor import load_packed
-    from compressor.packed_cli import pack_checkpoint
 
-    size = pack_checkpoint(state, tmp_path / "t.qd", recorded_specs=checkpoint["qdistill"]["specs"])
-    loaded, _ = load_packed(tmp_path / "t.qd")
+    loaded, metadata = load_packed(tmp_path / "t.qd")
+    assert metadata["checkpoint_format"] == "onmt" and metadata["onmt"]["vocab"]["src"]
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    size = (tmp_path / "t.qd").stat().st_size
     specs = checkpoint["qdistill"]["specs"]
     kept = sum(v.numel() * v.element_size() for k, v in state.items() if k not in specs)
     quantized = sum(state[k].numel() * 4 for k in specs if k != "generator.weight")  # tied
-    assert size < kept + 0.3 * quantized  # 4-bit codes: 1/8 of fp32, plus per-bucket scales
-    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    # 4-bit codes: 1/8 of fp32, plus per-bucket scales; the vocabulary and options as JSON.
+    assert size < kept + 0.3 * quantized + len(json.dumps(metadata))
+    # onmt_translate (plugin on) takes the packed file as a model and translates identically;
+    # `qdistill unpack` gives back a checkpoint that the stock tool loads with the plugin off.
+    base = ["-src", "src-val.txt", "-max_length", "8", "-seed", "1"]
+    _run([BIN / "onmt_translate", "-model", "transformer_step_10.pt", *base, "-output", "pt.txt"],
+         corpus)  # fmt: skip
+    _run([BIN / "onmt_translate", "-model", tmp_path / "t.qd", *base, "-output", "qd.txt"], corpus)
+    _run([BIN / "qdistill", "unpack", tmp_path / "t.qd", "-o", tmp_path / "u.pt"], corpus)
+    _run([sys.executable, "-c", STOCK_TRANSLATE, "-model", tmp_path / "u.pt", *base,
+          "-output", "unpacked.txt"], corpus, plugin=False)  # fmt: skip
+    reference = (corpus / "pt.txt").read_text()
+    assert len(reference.splitlines()) == 30
+    assert (corpus / "qd.txt").read_text() == reference == (corpus / "unpacked.txt").read_text()
+
+
+def test_differentiable_mode_learns_points_that_pack_exactly(corpus, tmp_path):
+    _distil(corpus, "points", "-quant_bits", "2", "-quant_method", "differentiable",
+            "-learning_rate", "0.05")  # fmt: skip
+    record = _load(corpus / "points_step_10.pt")["qdistill"]
+    learned = [s["points"] for s in record["specs"].values()]
+    assert learned and all(s["method"] == "nonuniform" for s in record["specs"].values())
+    assert all(p == sorted(p) and p[0] >= 0 and p[-1] <= 1 for p in learned)
+    # The same run with a zero learning rate keeps the initial points (the same seed builds
+    # the same student): training moved them.
+    _distil(corpus, "still", "-quant_bits", "2", "-quant_method", "differentiable",
+            "-learning_rate", "0")  # fmt: skip
+    still = _load(corpus / "still_step_10.pt")["qdistill"]["specs"]
+    initial = [s["points"] for s in still.values()]
+    assert len(initial) == len(learned) and initial != learned
+    # The saved values lie on the learned grids: packing verifies every tensor bit for bit.
+    _run([BIN / "qdistill", "pack", "points_step_10.pt", "-o", tmp_path / "p.qd"], corpus)
 
 
 def test_post_training_quantization_of_a_teacher(corpus):

@@ -1,0 +1,178 @@
+"""The CIFAR-10 experiment of the paper's table, one cached result per configuration.
+
+Teacher; the shallower, narrower student in full precision with and without distillation; PM
+2/4/8-bit; quantized distillation 2/4/8-bit; differentiable quantization 2/4-bit with bit
+allocation; QKD W4A4. Every configuration writes ``{out_dir}/{name}.json`` (accuracy, packed
+and fp32 file bytes, configuration, versions, machine) atomically and is skipped when that file
+exists with the same configuration, so a stopped run resumes; trained models are kept under
+``work_dir`` and reused by the configurations that start from them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import compressor
+from recipes import small_runs as runs
+
+CONFIGURATIONS = (
+    "teacher", "student_fp32", "student_fp32_distilled", "pm_2", "pm_4", "pm_8",
+    "qd_2", "qd_4", "qd_8", "dq_2", "dq_4", "qkd_w4a4",
+)  # fmt: skip
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _fp32_bytes(model: nn.Module, path: Path) -> int:
+    state = (
+        compressor.shadow_state_dict(model)
+        if list(compressor.quantized_tensors(model))
+        else model.state_dict()
+    )
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path.stat().st_size
+
+
+class _Models:
+    """Teacher and full-precision students, trained once and reloaded afterwards."""
+
+    def __init__(self, cfg: runs.SmallRunConfig, data: dict, work: Path) -> None:
+        self.cfg, self.data, self.work = cfg, data, work
+        self._cache: dict[str, nn.Module] = {}
+
+    def get(self, name: str) -> nn.Module:
+        if name not in self._cache:
+            build, train = {
+                "teacher": (
+                    lambda: runs.tiny_cnn(self.cfg.teacher_width, self.cfg.teacher_depth),
+                    lambda: runs.train_teacher(self.data, self.cfg),
+                ),
+                "student_fp32": (
+                    lambda: runs.student(self.cfg),
+                    lambda: runs.run_fp32_student(self.data, self.cfg, None),
+                ),
+                "student_fp32_distilled": (
+                    lambda: runs.student(self.cfg),
+                    lambda: runs.run_fp32_student(self.data, self.cfg, self.get("teacher")),
+                ),
+            }[name]
+            path = self.work / f"{name}.pt"
+            if path.exists():
+                model = build().to(self.cfg.device)
+                model.load_state_dict(torch.load(path, map_location=self.cfg.device,
+                                                 weights_only=True))  # fmt: skip
+            else:
+                model = train()
+                tmp = path.with_name(f".{path.name}.tmp")
+                torch.save(model.state_dict(), tmp)
+                os.replace(tmp, path)
+            self._cache[name] = model
+        return self._cache[name]
+
+
+def _jobs(models: _Models) -> dict[str, tuple[str, int | None, Callable[[], nn.Module]]]:
+    cfg, data = models.cfg, models.data
+    jobs: dict[str, tuple[str, int | None, Callable[[], nn.Module]]] = {
+        "teacher": ("teacher fp32", None, lambda: models.get("teacher")),
+        "student_fp32": ("student fp32", None, lambda: models.get("student_fp32")),
+        "student_fp32_distilled": (
+            "student fp32 distilled",
+            None,
+            lambda: models.get("student_fp32_distilled"),
+        ),
+    }
+    for bits in (2, 4, 8):
+        jobs[f"pm_{bits}"] = (
+            "PM",
+            bits,
+            lambda b=bits: runs.run_post_training(models.get("student_fp32_distilled"), b),
+        )
+        jobs[f"qd_{bits}"] = (
+            "quantized distillation",
+            bits,
+            lambda b=bits: runs.run_quantized_distillation(data, cfg, models.get("teacher"), b)[0],
+        )
+    for bits in (2, 4):
+        jobs[f"dq_{bits}"] = (
+            "differentiable quantization + bit allocation",
+            bits,
+            lambda b=bits: runs.run_differentiable_quantization(
+                data, cfg, models.get("teacher"), models.get("student_fp32_distilled"), b
+            )[0],
+        )
+    jobs["qkd_w4a4"] = (
+        "QKD W4A4",
+        4,
+        lambda: runs.run_qkd(
+            data, cfg, models.get("teacher"), init=models.get("student_fp32_distilled")
+        )[0],
+    )
+    return jobs
+
+
+def run(
+    cfg: runs.SmallRunConfig,
+    out_dir: str | os.PathLike,
+    work_dir: str | os.PathLike,
+    configurations: Iterable[str] = CONFIGURATIONS,
+    data_root: Path | None = None,
+    environment: Callable[[], dict] | None = None,
+) -> list[dict]:
+    """Run (or finish) the given configurations; returns their results."""
+    out, work = Path(out_dir), Path(work_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    data = runs.load_cifar10(data_root or runs.data_root(), cfg.train_images, cfg.test_images,
+                             cfg.seed, cfg.device)  # fmt: skip
+    jobs = _jobs(_Models(cfg, data, work))
+    unknown = sorted(set(configurations) - set(jobs))
+    if unknown:
+        raise ValueError(f"unknown CIFAR-10 configurations {unknown}; choose from {list(jobs)}")
+    results = []
+    for name in configurations:
+        method, bits, make = jobs[name]
+        path = out / f"{name}.json"
+        cached = json.loads(path.read_text()) if path.exists() else None
+        if cached is not None and cached["config"] == asdict(cfg):
+            print(f"  {name:<26} cached: {cached['accuracy']:.2f}%", flush=True)
+            results.append(cached)
+            continue
+        start = time.perf_counter()
+        model = make()
+        accuracy = runs.accuracy(model, data)
+        model = copy.deepcopy(model).cpu()  # the cached teacher and students stay put
+        packed = (
+            compressor.save_packed(model, work / f"{name}.qd")
+            if compressor.quantization_specs(model)
+            else None
+        )
+        result = {
+            "name": name,
+            "method": method,
+            "bits": bits,
+            "accuracy": accuracy,
+            "packed_bytes": packed,
+            "fp32_bytes": _fp32_bytes(model, work / f"{name}.fp32.safetensors"),
+            "train_s": time.perf_counter() - start,
+            "config": asdict(cfg),
+        }
+        if environment is not None:
+            result["environment"] = environment()
+        _write_json(path, result)
+        print(f"  {name:<26} {result['accuracy']:.2f}%  packed {packed or '-'} bytes", flush=True)
+        results.append(result)
+    return results

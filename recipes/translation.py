@@ -1,0 +1,433 @@
+"""Translation experiments end to end with the stock OpenNMT-py tools and the qdistill plugin.
+
+One function, :func:`run`, takes a parallel corpus (train/valid/test, plain or gzipped text)
+through the steps a user would type: sentencepiece subwords (OpenNMT's own ``sentencepiece``
+transform, so translations come out detokenized), ``onmt_build_vocab``, a full-precision LSTM
+teacher (``onmt_train``), a shallower student started from the teacher's first layers
+(``qdistill shrink onmt``) and trained by ``onmt_train --quantized_distill``, the post-training
+quantized teacher (``qdistill onmt-quantize``, the paper's PM baseline), packed files
+(``qdistill pack``) and ``qdistill onmt-eval`` of every model on the test set.
+
+Every step writes its output under ``work_dir`` atomically and is skipped when the output is
+there; an interrupted ``onmt_train`` continues from its last checkpoint. The Multi30k demo
+(``onmt_plugin.demo``) and the experiment recipes run this at their own scales.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+BIN = Path(sys.executable).parent
+SPLITS = ("train", "valid", "test")
+_PROGRESS = re.compile(r"Step \d+/|Validation (perplexity|accuracy)|error|Error")
+
+
+@dataclass(frozen=True)
+class TranslationScale:
+    """How big one run is: data, model and schedule. The defaults are the demo's."""
+
+    name: str = "demo"
+    train_pairs: int | None = None  # None: every pair of the training files
+    test_pairs: int | None = None
+    vocab_size: int = 2000
+    hidden_size: int = 256
+    teacher_layers: int = 2
+    student_layers: int = 1
+    teacher_steps: int = 700
+    student_steps: int = 500
+    batch_tokens: int = 2048
+    learning_rate: float = 0.002
+    dropout: float = 0.2
+    bits: tuple[int, ...] = (4,)  # quantized distillation students
+    pm_bits: tuple[int, ...] = (4,)  # post-training quantized teachers
+    dq_bits: tuple[int, ...] = ()  # differentiable quantization (learned points) students
+    fp32_student: bool = False  # also the shallow student in full precision, labels only
+    bucket_size: int = 256
+    distill_alpha: float = 0.7
+    distill_temperature: float = 1.0
+    threads: int = 2
+    gpu: bool = False  # train on GPU 0 (evaluation stays on the CPU, where students deploy)
+    seed: int = 1
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Where a parallel corpus lives: file names per split, with ``{lang}`` (de, en, ...) or
+    ``{side}`` (src, tgt) in them; a ``.gz`` twin is read too. A corpus without a test split
+    (OpenNMT's toy en-de set has no test references) holds out the last training pairs."""
+
+    directory: Path
+    src_lang: str
+    tgt_lang: str
+    names: Mapping[str, tuple[str, ...]] = field(
+        default_factory=lambda: {
+            "train": ("train.{lang}",),
+            "valid": ("val.{lang}", "valid.{lang}"),
+            "test": ("test.{lang}", "test_2016_flickr.{lang}"),
+        }
+    )
+
+    def path(self, split: str, side: str) -> Path:
+        lang = self.src_lang if side == "src" else self.tgt_lang
+        for pattern in self.names[split]:
+            name = pattern.format(lang=lang, side=side)
+            for candidate in (f"{name}.gz", name):
+                if (self.directory / candidate).is_file():
+                    return self.directory / candidate
+        wanted = self.names[split][0].format(lang=lang, side=side)
+        raise FileNotFoundError(
+            f"no {split} file {wanted}[.gz] in {self.directory}; give a folder with the "
+            f"train, validation and test files of {self.src_lang}-{self.tgt_lang}"
+        )
+
+
+def _read_lines(path: Path) -> list[str]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        return [line.rstrip("\n") for line in handle]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def prepare_data(corpus: Corpus, scale: TranslationScale, data_dir: Path) -> dict[str, Path]:
+    """Plain-text copies of the splits: the first ``train_pairs`` training pairs and the first
+    ``test_pairs`` test pairs (held out from the end of the training files if the corpus has no
+    test split)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    files = {f"{split}.{side}": data_dir / f"{split}.{side}" for split in SPLITS
+             for side in ("src", "tgt")}  # fmt: skip
+    if all(p.exists() for p in files.values()):
+        return files
+    lines = {}
+    for side in ("src", "tgt"):
+        train = _read_lines(corpus.path("train", side))
+        if corpus.names["test"]:
+            test = _read_lines(corpus.path("test", side))[: scale.test_pairs]
+        else:
+            held_out = scale.test_pairs or 500
+            train, test = train[:-held_out], train[-held_out:]
+        lines[f"train.{side}"] = train[: scale.train_pairs]
+        lines[f"valid.{side}"] = _read_lines(corpus.path("valid", side))
+        lines[f"test.{side}"] = test
+    for split in SPLITS:
+        if len(lines[f"{split}.src"]) != len(lines[f"{split}.tgt"]):
+            raise ValueError(f"{split}: the source and target files have different line counts")
+    for key, path in files.items():
+        _write_atomic(path, "\n".join(lines[key]) + "\n")
+    return files
+
+
+def train_sentencepiece(files: Mapping[str, Path], scale: TranslationScale, work: Path) -> None:
+    """One unigram sentencepiece model per language, trained on the training split."""
+    import sentencepiece
+
+    for side in ("src", "tgt"):
+        model = work / f"spm.{side}.model"
+        if model.exists():
+            continue
+        prefix = work / f".spm.{side}.partial"
+        sentencepiece.SentencePieceTrainer.train(
+            input=str(files[f"train.{side}"]),
+            model_prefix=str(prefix),
+            vocab_size=scale.vocab_size,
+            character_coverage=1.0,
+            num_threads=scale.threads,
+            minloglevel=2,
+        )
+        os.replace(prefix.with_suffix(".partial.vocab"), work / f"spm.{side}.vocab")
+        os.replace(prefix.with_suffix(".partial.model"), model)
+
+
+def base_config(files: Mapping[str, Path], scale: TranslationScale, work: Path) -> dict:
+    """The OpenNMT-py options every model of the run shares (data, subwords, schedule)."""
+    placement = {"world_size": 1, "gpu_ranks": [0]} if scale.gpu else {}
+    return {
+        **placement,
+        "src_vocab": str(work / "vocab.src"),
+        "tgt_vocab": str(work / "vocab.tgt"),
+        "src_vocab_size": scale.vocab_size + 100,
+        "tgt_vocab_size": scale.vocab_size + 100,
+        "transforms": ["sentencepiece"],
+        "src_subword_model": str(work / "spm.src.model"),
+        "tgt_subword_model": str(work / "spm.tgt.model"),
+        "data": {
+            "corpus_1": {"path_src": str(files["train.src"]), "path_tgt": str(files["train.tgt"])},
+            "valid": {"path_src": str(files["valid.src"]), "path_tgt": str(files["valid.tgt"])},
+        },
+        "encoder_type": "brnn",
+        "decoder_type": "rnn",
+        "rnn_type": "LSTM",
+        "hidden_size": scale.hidden_size,
+        "word_vec_size": scale.hidden_size,
+        "batch_type": "tokens",
+        "batch_size": scale.batch_tokens,
+        "valid_batch_size": 64,
+        "bucket_size": 4096,
+        "optim": "adam",
+        "learning_rate": scale.learning_rate,
+        "dropout": scale.dropout,
+        "report_every": 50,
+        "seed": scale.seed,
+        "num_workers": 0,
+    }
+
+
+def _run(command: list, log: Path, threads: int, echo: bool = True) -> None:
+    """Run a tool, keep its whole output in ``log`` and echo its progress lines."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    with open(log, "a", encoding="utf-8") as record:
+        record.write(f"$ {' '.join(map(str, command))}\n")
+        proc = subprocess.Popen(
+            [str(c) for c in command],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            record.write(line)
+            if echo and _PROGRESS.search(line):
+                print(f"    {line.rstrip().split(' INFO] ')[-1]}", flush=True)
+        if proc.wait() != 0:
+            raise RuntimeError(f"{Path(command[0]).name} failed; see {log}")
+
+
+def _last_checkpoint(work: Path, prefix: str) -> tuple[int, Path] | None:
+    found = [
+        (int(m.group(1)), p)
+        for p in work.glob(f"{prefix}_step_*.pt")
+        if (m := re.fullmatch(rf"{re.escape(prefix)}_step_(\d+)\.pt", p.name))
+    ]
+    return max(found) if found else None
+
+
+def train(
+    config: dict, work: Path, prefix: str, steps: int, threads: int, extra: Iterable[str] = ()
+) -> Path:
+    """``onmt_train`` to ``steps``, continuing from the newest ``{prefix}_step_N.pt``."""
+    final = work / f"{prefix}_step_{steps}.pt"
+    if final.exists():
+        return final
+    config = {
+        **config,
+        "save_model": str(work / prefix),
+        "train_steps": steps,
+        "save_checkpoint_steps": max(50, steps // 4),
+        "valid_steps": max(50, steps // 2),
+        "keep_checkpoint": 2,
+    }
+    path = work / f"{prefix}.yaml"
+    _write_atomic(path, yaml.safe_dump(config))
+    args = list(extra)
+    last = _last_checkpoint(work, prefix)
+    if last is not None:
+        print(f"    resuming {prefix} from step {last[0]}", flush=True)
+        if "-train_from" in args:  # the initial weights give way to our own checkpoint
+            i = args.index("-train_from")
+            del args[i : i + 2]
+        args = [a for a in args if a not in ("-reset_optim", "all")]
+        args += ["-train_from", str(last[1])]
+    _run([BIN / "onmt_train", "-config", path, *args], work / f"{prefix}.log", threads)
+    return final
+
+
+def strip_optimizer(source: Path, target: Path) -> Path:
+    """The checkpoint without its optimizer state: what a user deploys (and what a
+    compression ratio should be measured against)."""
+    import torch
+
+    from compressor.checkpoints import load_checkpoint
+
+    if not target.exists():
+        checkpoint = load_checkpoint(source)
+        checkpoint.pop("optim", None)
+        checkpoint.pop("qdistill", None)
+        tmp = target.with_name(f".{target.name}.tmp")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, target)
+    return target
+
+
+def _qdistill(*args: str) -> None:
+    from compressor.cli import main
+
+    code = main([str(a) for a in args])
+    if code:
+        raise RuntimeError(f"qdistill {args[0]} failed with exit code {code}")
+
+
+def run(corpus: Corpus, scale: TranslationScale, work_dir: str | os.PathLike) -> dict:
+    """Run (or finish) the whole experiment; returns the evaluation rows and the scale."""
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    steps = 8
+
+    print(f"[1/{steps}] data: {corpus.directory}", flush=True)
+    files = prepare_data(corpus, scale, work / "data")
+    counts = {k: len(v.read_text(encoding="utf-8").splitlines()) for k, v in files.items()}
+    print(
+        f"    {counts['train.src']:,} training pairs, {counts['valid.src']:,} validation, "
+        f"{counts['test.src']:,} test",
+        flush=True,
+    )
+
+    print(f"[2/{steps}] sentencepiece ({scale.vocab_size} pieces per language) and vocab")
+    train_sentencepiece(files, scale, work)
+    config = base_config(files, scale, work)
+    if not (work / "vocab.tgt").exists():
+        vocab_config = work / "vocab.yaml"
+        _write_atomic(vocab_config, yaml.safe_dump({**config, "save_data": str(work / "vocab")}))
+        _run(
+            [BIN / "onmt_build_vocab", "-config", vocab_config, "-n_sample", "-1"],
+            work / "vocab.log",
+            scale.threads,
+            echo=False,
+        )
+
+    layers = scale.teacher_layers
+    print(f"[3/{steps}] teacher: {layers}-layer LSTM, {scale.teacher_steps} steps", flush=True)
+    teacher_ckpt = train(
+        {**config, "layers": layers}, work, "teacher", scale.teacher_steps, scale.threads
+    )
+    teacher = strip_optimizer(teacher_ckpt, work / "teacher.pt")
+
+    print(f"[4/{steps}] student initialised from the teacher's first layers", flush=True)
+    student_init = work / "student_init.pt"
+    if not student_init.exists():
+        _qdistill(
+            "shrink", "onmt", "--checkpoint", teacher, "-o", student_init,
+            "--enc-layers", scale.student_layers, "--dec-layers", scale.student_layers,
+        )  # fmt: skip
+
+    models: dict[str, Path] = {"teacher": teacher}
+    student_config = {**config, "layers": scale.student_layers}
+    from_teacher = ["-train_from", str(student_init), "-reset_optim", "all"]
+    if scale.fp32_student:
+        print(f"[5/{steps}] student_fp32: labels only, {scale.student_steps} steps", flush=True)
+        ckpt = train(student_config, work, "student_fp32", scale.student_steps, scale.threads,
+                     from_teacher)  # fmt: skip
+        models["student_fp32"] = strip_optimizer(ckpt, work / "student_fp32.pt")
+    students = [(f"student_qd{b}", b, "uniform") for b in scale.bits]
+    students += [(f"student_dq{b}", b, "differentiable") for b in scale.dq_bits]
+    for name, bits, method in students:
+        print(
+            f"[5/{steps}] {name}: {scale.student_layers}-layer {bits}-bit student, {method} "
+            f"quantized distillation, {scale.student_steps} steps",
+            flush=True,
+        )
+        distill = [
+            "-quantized_distill", "-teacher_model", str(teacher), "-quant_bits", str(bits),
+            "-quant_method", method, "-quant_bucket_size", str(scale.bucket_size),
+            "-distill_alpha", str(scale.distill_alpha),
+            "-distill_temperature", str(scale.distill_temperature), *from_teacher,
+        ]  # fmt: skip
+        ckpt = train(student_config, work, name, scale.student_steps, scale.threads, distill)
+        packed = work / f"{name}.qd"
+        if not packed.exists():
+            _qdistill("pack", ckpt, "-o", packed)
+        models[name] = packed
+
+    print(f"[6/{steps}] post-training quantization of the teacher (PM)", flush=True)
+    for bits in scale.pm_bits:
+        pm, packed = work / f"teacher_pm{bits}.pt", work / f"teacher_pm{bits}.qd"
+        if not packed.exists():
+            _qdistill("onmt-quantize", teacher, "--bits", bits, "-o", pm)
+            _qdistill("pack", pm, "-o", packed)
+        models[f"teacher_pm{bits}"] = packed
+
+    print(f"[7/{steps}] onmt-eval on {counts['test.src']:,} test sentences", flush=True)
+    result_json = work / "eval.json"
+    if not result_json.exists():
+        _qdistill(
+            "onmt-eval", *(f"{name}={path}" for name, path in models.items()),
+            "--src", files["test.src"], "--ref", files["test.tgt"],
+            "--src-subword-model", work / "spm.src.model",
+            "--tgt-subword-model", work / "spm.tgt.model",
+            "--baseline", "teacher", "--teacher", "teacher", "--json", result_json,
+        )  # fmt: skip
+    rows = json.loads(result_json.read_text())
+
+    print(f"[8/{steps}] report", flush=True)
+    result = {"scale": asdict(scale), "corpus": str(corpus.directory), "counts": counts}
+    result["rows"] = rows
+    write_report(result, work)
+    return result
+
+
+def write_report(result: dict, work: Path) -> None:
+    """``report.md`` (the table, the scale, the signatures) and ``bleu_vs_size.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for row in rows:
+        marker = "s" if row["name"] == "teacher" else ("o" if "qd" in row["name"] else "^")
+        ax.scatter(row["bytes"], row["bleu"], marker=marker, s=50)
+        ax.annotate(row["name"], (row["bytes"], row["bleu"]), textcoords="offset points",
+                    xytext=(5, 4), fontsize=8)  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("file size (bytes, log scale)")
+    ax.set_ylabel("BLEU (sacrebleu)")
+    ax.set_title(f"{Path(result['corpus']).name}: BLEU against file size")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(work / ".bleu_vs_size.png", dpi=120, format="png")
+    plt.close(fig)
+    os.replace(work / ".bleu_vs_size.png", work / "bleu_vs_size.png")
+
+    scale, counts = result["scale"], result["counts"]
+    lines = [
+        f"# Quantized distillation on {Path(result['corpus']).name} ({scale['name']} scale)",
+        "",
+        f"Scale: {counts['train.src']:,} training pairs, sentencepiece {scale['vocab_size']} "
+        f"pieces per language, {scale['teacher_layers']}-layer LSTM teacher "
+        f"({scale['hidden_size']} units, {scale['teacher_steps']} steps), "
+        f"{scale['student_layers']}-layer students ({scale['student_steps']} steps), "
+        f"{counts['test.src']:,} test sentences, greedy decoding, CPU. This is a short run: "
+        "compare the models with each other, not with published Multi30k results.",
+        "",
+        "| model | file bytes | compression | BLEU | chrF | ppl/word | tokens/s | agreement |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def cell(value: object, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    for row in rows:
+        lines.append(
+            f"| {row['name']} | {row['bytes']:,} | {cell(row['compression'], '.2f')}x "
+            f"| {cell(row['bleu'], '.2f')} | {cell(row['chrf'], '.2f')} "
+            f"| {cell(row['ppl_word'], '.2f')} | {cell(row['tokens_per_s'], '.0f')} "
+            f"| {cell(row['agreement_bleu'], '.1f')} |"
+        )
+    signature = rows[0]["extra"].get("bleu_signature", "")
+    lines += [
+        "",
+        "teacher: fp32 checkpoint without optimizer state; student_qd*: packed files of the "
+        "quantized-distillation students; teacher_pm*: packed post-training quantized teacher. "
+        "Agreement: BLEU of a model's output against the teacher's output.",
+        "",
+        f"BLEU signature: `{signature}`",
+        "",
+        "![BLEU against file size](bleu_vs_size.png)",
+        "",
+    ]
+    _write_atomic(work / "report.md", "\n".join(lines))

@@ -1,0 +1,94 @@
+"""Experiment recipes: every recipe runs end to end in smoke mode on the real data, writes its
+result file, and resumes from what it already has."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from recipes.experiments import RecipeError, list_recipes, load_recipe, run_recipe
+
+QDISTILL = Path(sys.executable).parent / "qdistill"
+
+
+def _qdistill(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([QDISTILL, *args], capture_output=True, text=True, timeout=600)
+
+
+def test_list_names_every_recipe_with_its_scales():
+    assert {r.name for r in list_recipes()} >= {"cifar10", "multi30k", "toy-ende"}
+    done = _qdistill("recipe", "list")
+    assert done.returncode == 0
+    for name in ("cifar10", "multi30k", "toy-ende"):
+        assert name in done.stdout
+    assert "scales: cpu, paper" in done.stdout
+
+
+def test_cifar10_smoke_writes_every_configuration_and_resumes(cifar10_dir, tmp_path, capsys):
+    recipe = load_recipe("cifar10")
+    result = run_recipe(recipe, "cpu", tmp_path, smoke=True, data_root=cifar10_dir.parent)
+    rows = {r["name"]: r for r in result["rows"]}
+    assert set(rows) == {
+        "teacher", "student_fp32", "student_fp32_distilled", "pm_2", "pm_4", "pm_8",
+        "qd_2", "qd_4", "qd_8", "dq_2", "dq_4", "qkd_w4a4",
+    }  # fmt: skip
+    assert rows["teacher"]["packed_bytes"] is None
+    for name in ("pm_2", "qd_4", "dq_2", "qkd_w4a4"):
+        assert 0 < rows[name]["packed_bytes"] < rows[name]["fp32_bytes"], name
+        assert (tmp_path / "work" / f"{name}.qd").stat().st_size == rows[name]["packed_bytes"]
+    pm_bytes = [rows[f"pm_{bits}"]["packed_bytes"] for bits in (2, 4, 8)]
+    assert pm_bytes == sorted(pm_bytes) and len(set(pm_bytes)) == 3
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["parameters"]["steps"] == 3 and saved["environment"]["torch"]
+    # Interrupted after qd_4: its result and everything after it are missing; a rerun redoes
+    # only those and gives the same figures.
+    for name in ("qd_4", "qd_8", "dq_2", "dq_4", "qkd_w4a4"):
+        (tmp_path / "results" / f"{name}.json").unlink()
+    capsys.readouterr()
+    again = run_recipe(recipe, "cpu", tmp_path, smoke=True, data_root=cifar10_dir.parent)
+    log = capsys.readouterr().out
+    assert "teacher                    cached" in log and "qd_2" in log
+    assert "qd_4                       cached" not in log
+    assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in result["rows"]]
+
+
+@pytest.mark.parametrize("name, data", [("toy-ende", "toy-ende"), ("multi30k", "multi30k")])
+def test_translation_recipe_smoke(name, data, tmp_path):
+    from conftest import data_path
+
+    root = data_path(data).parent
+    done = _qdistill("recipe", "run", name, "--smoke", "--output-dir", str(tmp_path),
+                     "--data-path", str(root))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    assert set(rows) == {"teacher", "student_qd4", "teacher_pm4"}
+    assert rows["student_qd4"]["bytes"] == (tmp_path / "work" / "student_qd4.qd").stat().st_size
+    assert rows["teacher_pm4"]["bytes"] < rows["teacher"]["bytes"]
+    assert all(r["bleu"] is not None and r["ppl_word"] > 1 for r in rows.values())
+    assert all(r["agreement_bleu"] is not None and r["compression"] for r in rows.values())
+    assert (tmp_path / "work" / "report.md").exists()
+    assert (tmp_path / "work" / "bleu_vs_size.png").stat().st_size > 1000
+    # Everything is there: a second run only reads it back.
+    again = _qdistill("recipe", "run", name, "--smoke", "--output-dir", str(tmp_path),
+                      "--data-path", str(root))  # fmt: skip
+    assert again.returncode == 0 and "Step " not in again.stdout
+
+
+def test_recipe_errors(tmp_path):
+    with pytest.raises(RecipeError, match="no recipe 'nope'; known recipes: cifar10"):
+        load_recipe("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nengine: cifar\ndata: cifar10\nscales:\n  cpu: {stepz: 3}\n")
+    with pytest.raises(RecipeError, match=r"unknown parameters \['stepz'\] for the cifar engine"):
+        load_recipe(bad)
+    with pytest.raises(RecipeError, match="has no scale 'huge'"):
+        load_recipe("cifar10").parameters("huge")
+    done = _qdistill("recipe", "run", "cifar10", "--smoke", "--output-dir", str(tmp_path),
+                     "--data-path", str(tmp_path))  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "data folder" in done.stderr and "not found" in done.stderr
