@@ -25,7 +25,7 @@ from recipes.translation import Corpus, TranslationScale, run
 SAMPLE = Path(__file__).resolve().parent / "demo_data" / "multi30k"
 SAMPLE_SIZES = {"train": 12000, "val": 200, "test": 500}
 SOURCE_STEMS = {"train": "train", "val": "val", "test": "test_2016_flickr"}
-DEMO_SCALE = TranslationScale(name="demo", teacher_steps=700, student_steps=500)
+DEMO_SCALE = TranslationScale(name="demo", teacher_steps=1000, student_steps=300)
 
 
 def make_sample(source: Path) -> None:

@@ -34,7 +34,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-_GOLD = re.compile(r"GOLD SCORE: (-?[0-9.]+(?:e[-+]?\d+)?)")
+# OpenNMT-py 3.5 ends a run with -tgt by the mean gold score per sentence and the count.
+_GOLD = re.compile(r"GOLD SCORE: (-?[0-9.]+(?:e[-+]?\d+)?), GOLD PPL: \S+ NB SENTENCES: (\d+)")
 
 
 @dataclass
@@ -117,13 +118,11 @@ def evaluate_model(
     row.extra["bleu_signature"], row.extra["chrf_signature"] = bsig, csig
     row.tokens_per_s = sum(len(h.split()) for h in hyps) / max(seconds, 1e-9)
     _, gold_log = translate(path, src, str(workdir / f"{name}.gold"), refs_path, extra)
-    scores = [float(m) for m in _GOLD.findall(gold_log)]
-    if not scores:
-        match = re.search(r"GOLD AVG SCORE: (-?[0-9.]+)", gold_log)
-        scores = [float(match.group(1)) * len(refs)] if match else []
-    if scores:
-        tokens = sum(len(r.split()) + 1 for r in refs)
-        row.ppl_word = math.exp(-sum(scores) / tokens) if tokens else None
+    match = _GOLD.search(gold_log)
+    if match and int(match.group(2)) == len(refs):
+        total = float(match.group(1)) * len(refs)
+        words = sum(len(r.split()) + 1 for r in refs)
+        row.ppl_word = math.exp(-total / words) if words else None
     return row, hyps
 
 

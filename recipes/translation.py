@@ -379,7 +379,9 @@ def write_report(result: dict, work: Path) -> None:
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for row in rows:
-        marker = "s" if row["name"] == "teacher" else ("o" if "qd" in row["name"] else "^")
+        marker = {"teacher": "s", "student_fp32": "D"}.get(
+            row["name"], "^" if "pm" in row["name"] else "o"
+        )
         ax.scatter(row["bytes"], row["bleu"], marker=marker, s=50)
         ax.annotate(row["name"], (row["bytes"], row["bleu"]), textcoords="offset points",
                     xytext=(5, 4), fontsize=8)  # fmt: skip
@@ -402,7 +404,9 @@ def write_report(result: dict, work: Path) -> None:
         f"({scale['hidden_size']} units, {scale['teacher_steps']} steps), "
         f"{scale['student_layers']}-layer students ({scale['student_steps']} steps), "
         f"{counts['test.src']:,} test sentences, greedy decoding, CPU. This is a short run: "
-        "compare the models with each other, not with published Multi30k results.",
+        "compare the models with each other, not with published Multi30k results. At this "
+        "scale the teacher is far from converged, and the students continue training from "
+        "its layers, so a student can score above its teacher.",
         "",
         "| model | file bytes | compression | BLEU | chrF | ppl/word | tokens/s | agreement |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -421,9 +425,11 @@ def write_report(result: dict, work: Path) -> None:
     signature = rows[0]["extra"].get("bleu_signature", "")
     lines += [
         "",
-        "teacher: fp32 checkpoint without optimizer state; student_qd*: packed files of the "
-        "quantized-distillation students; teacher_pm*: packed post-training quantized teacher. "
-        "Agreement: BLEU of a model's output against the teacher's output.",
+        "teacher (and student_fp32): fp32 checkpoints without optimizer state; student_qd*: "
+        "packed quantized-distillation students; student_dq*: packed students with learned "
+        "(differentiable) points; teacher_pm*: packed post-training quantized teacher. "
+        "ppl/word: perplexity of the references per word (whitespace-separated, plus one end of "
+        "sentence per line). Agreement: BLEU of a model's output against the teacher's output.",
         "",
         f"BLEU signature: `{signature}`",
         "",

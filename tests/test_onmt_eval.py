@@ -72,7 +72,8 @@ def test_cli_scores_hypothesis_file_and_model(tiny, tmp_path):
     assert teacher["bytes"] == (tiny / "m_step_5.pt").stat().st_size
     assert teacher["compression"] == pytest.approx(1.0)
     assert teacher["agreement_bleu"] == pytest.approx(100.0)
-    assert teacher["ppl_word"] > 1 and teacher["tokens_per_s"] > 0
+    # A 5-step model is far from the references: per-word perplexity in the tens or more.
+    assert teacher["ppl_word"] > 10 and teacher["tokens_per_s"] > 0
     assert 0 <= teacher["bleu"] < 100
     assert "BLEU signature" in done.stdout
 
