@@ -5,7 +5,7 @@ students, PM, quantized distillation, differentiable quantization with bit alloc
 one cached result under ``benchmarks/results/cifar/``: a run that is stopped resumes where it
 left off, and a finished configuration is skipped. Models are kept under ``benchmarks/work/``.
 
-    python -m benchmarks.bench_cifar [--train-images 20000 --steps 2000]
+    python -m benchmarks.bench_cifar [--scale cpu] [--train-images N --steps N]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from benchmarks.common import RESULTS, environment, timings
 from compressor.training import DistillConfig, distill_step
 from recipes import cifar
 from recipes import small_runs as runs
+from recipes.experiments import load_recipe
 
 WORK = Path(__file__).resolve().parent / "work" / "cifar"
 OUT = RESULTS / "cifar"
@@ -52,22 +53,22 @@ def training_cost(cfg, data, teacher: nn.Module, repeats: int = 7) -> dict:  # n
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-images", type=int, default=20000)
-    parser.add_argument("--test-images", type=int, default=5000)
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--scale", default="cpu", choices=("cpu", "paper"))
+    parser.add_argument("--train-images", type=int, help="override the recipe's value")
+    parser.add_argument("--test-images", type=int, help="override the recipe's value")
+    parser.add_argument("--steps", type=int, help="override the recipe's value")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    cfg = replace(
-        runs.SmallRunConfig(),
-        train_images=args.train_images,
-        test_images=args.test_images,
-        steps=args.steps,
-        seed=args.seed,
-    )
+    # The cifar10 recipe's parameters at this scale, so the report and the recipe agree.
+    cfg = runs.SmallRunConfig(**load_recipe("cifar10").parameters(args.scale))
+    overrides = {k: getattr(args, k) for k in ("train_images", "test_images", "steps", "seed")}
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     results = cifar.run(cfg, OUT, WORK, environment=environment)
-    data = runs.load_cifar10(runs.data_root(), cfg.train_images, cfg.test_images, cfg.seed)
-    teacher = runs.tiny_cnn(cfg.teacher_width, cfg.teacher_depth)
-    teacher.load_state_dict(torch.load(WORK / "teacher.pt", weights_only=True))
+    data = runs.load_cifar10(runs.data_root(), cfg.train_images, cfg.test_images, cfg.seed,
+                             cfg.device)  # fmt: skip
+    teacher = runs.tiny_cnn(cfg.teacher_width, cfg.teacher_depth).to(cfg.device)
+    teacher.load_state_dict(torch.load(WORK / "teacher.pt", map_location=cfg.device,
+                                       weights_only=True))  # fmt: skip
     cost = training_cost(cfg, data, teacher)
     (OUT / "training_cost.json").write_text(
         json.dumps({**cost, "environment": environment()}, indent=2)
