@@ -32,8 +32,9 @@ def _cifar_section(lines: list[str]) -> None:
     env = rows[0]["environment"]
     lines.append(
         f"Scale: {cfg['train_images']:,} training and {cfg['test_images']:,} test images, "
-        f"{cfg['steps']} steps of batch {cfg['batch_size']}; teacher: 3-block CNN of width "
-        f"{cfg['teacher_width']}, student: 2-block CNN of width {cfg['student_width']}. "
+        f"{cfg['steps']} steps of batch {cfg['batch_size']}; teacher: "
+        f"{cfg.get('teacher_depth', 3)}-block CNN of width {cfg['teacher_width']}, student: "
+        f"{cfg.get('student_depth', 2)}-block CNN of width {cfg['student_width']}. "
         f"Machine: {env['processor']}, {env['cpu_count']} cores, torch {env['torch']}, commit "
         f"`{(env.get('commit') or '')[:10]}`. This is a CPU-scale reproduction: absolute "
         f"accuracies are far below published CIFAR-10 figures; compare the rows with each other.\n"
@@ -51,6 +52,7 @@ def _cifar_section(lines: list[str]) -> None:
             f"{size:,} | {vs_t} | {vs_s} |"
         )
     lines.append("")
+    lines.extend(_cifar_goals(by_name))
     _cifar_plot(rows)
     lines.append("![CIFAR-10 accuracy against file size](cifar_accuracy_vs_bytes.png)\n")
     cost = _load(RESULTS / "cifar" / "training_cost.json")
@@ -60,6 +62,68 @@ def _cifar_section(lines: list[str]) -> None:
             f"fp32 step of the same student on the same batch (median of "
             f"{cost['plain_fp32_step']['repeats']}; goal {cost['goal']}).\n"
         )
+
+
+def _goal(text: str, value: float, target: float, met: bool) -> str:
+    return f"- {text}: {value:.2f} (goal {target}) - {'met' if met else 'MISSED'}"
+
+
+def _cifar_goals(by_name: dict) -> list[str]:
+    """The issue's goals, each with its number, for the configurations present."""
+    out = ["Goals:", ""]
+    acc = {name: r["accuracy"] for name, r in by_name.items()}
+    if {"qd_4", "student_fp32_distilled"} <= acc.keys():
+        gap = acc["student_fp32_distilled"] - acc["qd_4"]
+        out.append(_goal("4-bit quantized distillation below the distilled fp32 student, points",
+                         gap, "<= 0.5", gap <= 0.5))  # fmt: skip
+    if "pm_2" in acc and ({"qd_2", "dq_2"} & acc.keys()):
+        best = max(acc[n] for n in ("qd_2", "dq_2") if n in acc)
+        margin = best - acc["pm_2"]
+        out.append(_goal("2-bit: best of quantized distillation / differentiable quantization "
+                         "above PM, points", margin, ">= 20", margin >= 20))  # fmt: skip
+    for name, r in sorted(by_name.items()):
+        if r.get("bits") == 4 and r.get("packed_bytes"):
+            ratio = r["fp32_bytes"] / r["packed_bytes"]
+            out.append(_goal(f"{name}: packed file smaller than its own fp32 file, times",
+                             ratio, ">= 7.3", ratio >= 7.3))  # fmt: skip
+    out.append("")
+    return out if len(out) > 3 else []
+
+
+def _translation_section(lines: list[str]) -> None:
+    result = _load(RESULTS / "translation.json")
+    if not result:
+        lines.append(
+            "_No translation results yet: run `python -m benchmarks.bench_translation`._\n"
+        )
+        return
+    p, env = result["parameters"], result["environment"]
+    lines.append(
+        f"Multi30k de-en, {result['scale']} scale: sentencepiece {p['vocab_size']} pieces per "
+        f"language, {p.get('teacher_layers', 2)}-layer LSTM teacher ({p['hidden_size']} units, "
+        f"{p['teacher_steps']} steps), 1-layer students started from its first layers "
+        f"({p['student_steps']} steps), test_2016_flickr, greedy decoding. Machine: "
+        f"{env['processor']}, {env['cpu_count']} cores, OpenNMT-py {env.get('OpenNMT-py')}. "
+        "Tokens/s include `onmt_translate` start-up (a lower bound).\n"
+    )
+    lines.append("| model | bytes | vs teacher | BLEU | chrF | ppl/word | tokens/s | agreement |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+    rows = result["rows"]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['bytes']:,} | {r['compression']:.2f}x | {r['bleu']:.2f} | "
+            f"{r['chrf']:.2f} | {r['ppl_word']:.2f} | {r['tokens_per_s']:.0f} | "
+            f"{r['agreement_bleu']:.1f} |"
+        )
+    by_name = {r["name"]: r for r in rows}
+    lines.append("")
+    lines.append(f"BLEU signature: `{rows[0]['extra'].get('bleu_signature', '')}`\n")
+    if {"teacher", "student_qd4"} <= by_name.keys():
+        gap = by_name["teacher"]["bleu"] - by_name["student_qd4"]["bleu"]
+        lines.append(_goal("4-bit quantized-distillation student below the teacher, BLEU",
+                           gap, "<= 1.0", gap <= 1.0))  # fmt: skip
+        lines.append("")
+    lines.append("![BLEU against file size](multi30k_bleu_vs_size.png)\n")
 
 
 def _cifar_plot(rows: list[dict]) -> None:
@@ -120,6 +184,8 @@ def main() -> Path:
     )
     lines.append("## CIFAR-10\n")
     _cifar_section(lines)
+    lines.append("## Multi30k de-en\n")
+    _translation_section(lines)
     lines.append("## Core speed\n")
     _timing_section(lines)
     path = HERE / "REPORT.md"

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from benchmarks import bench_cifar, bench_packed, bench_quantizer, report
+from benchmarks import bench_cifar, bench_packed, bench_quantizer, bench_translation, report
 
 
 def main() -> None:
     bench_quantizer.main([])
     bench_packed.main([])
     bench_cifar.main([])
+    bench_translation.main([])
     report.main()
 
 
