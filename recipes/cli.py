@@ -9,12 +9,15 @@ import json
 def register_shrink(subparsers) -> None:
     parser = subparsers.add_parser("shrink", help="shrink the depth of a teacher checkpoint")
     sub = parser.add_subparsers(dest="shrink_kind", metavar="KIND")
-    vision = sub.add_parser("vision", help="torchvision ResNet / WideResNet checkpoint")
+    vision = sub.add_parser("vision", help="torchvision ResNet / WideResNet / VGG checkpoint")
     vision.add_argument("--arch", required=True, help="teacher architecture, e.g. resnet34")
     vision.add_argument("--checkpoint", required=True, help="teacher state dict or references ckpt")
-    vision.add_argument("--blocks", required=True, help="blocks per stage, e.g. 2,2,2,2")
+    vision.add_argument("--blocks", help="ResNet: blocks per stage, e.g. 2,2,2,2")
+    vision.add_argument("--layers", type=int, help="VGG: conv layers to keep, e.g. 6")
     vision.add_argument(
-        "--select", default="first", help="first | even | per-stage lists '0,1/0,3/0,2/0,2'"
+        "--select",
+        default="first",
+        help="first | even | ResNet per-stage lists '0,1/0,3/0,2/0,2' | VGG list '0,1,2,4,6,7'",
     )
     vision.add_argument("--num-classes", type=int, default=None)
     vision.add_argument("--cifar-stem", action="store_true", help="3x3 stride-1 stem, no maxpool")
@@ -42,26 +45,44 @@ def _check_input(path: str):
 
 def _shrink_vision(args: argparse.Namespace) -> int:
     from compressor.cli import UsageError
-    from recipes.shrink_vision import load_state, save_references_checkpoint, shrink_resnet
+    from recipes.shrink_vision import (
+        RESNET_LAYOUTS,
+        VGG_ARCHS,
+        load_state,
+        save_references_checkpoint,
+        shrink_resnet,
+        shrink_vgg,
+    )
 
     _check_input(args.checkpoint)
-    from recipes.shrink_vision import RESNET_LAYOUTS
-
-    if args.arch not in RESNET_LAYOUTS:
-        raise UsageError(f"unknown --arch {args.arch!r}; choose one of {sorted(RESNET_LAYOUTS)}")
+    if args.arch not in RESNET_LAYOUTS and args.arch not in VGG_ARCHS:
+        known = sorted(RESNET_LAYOUTS) + list(VGG_ARCHS)
+        raise UsageError(f"unknown --arch {args.arch!r}; choose one of {known}")
     try:
-        blocks = [int(b) for b in args.blocks.split(",")]
-    except ValueError:
-        raise UsageError(f"--blocks must be integers like 2,2,2,2, got {args.blocks!r}") from None
-    try:
-        student, summary = shrink_resnet(
-            load_state(args.checkpoint),
-            args.arch,
-            blocks,
-            select=args.select,
-            num_classes=args.num_classes,
-            cifar_stem=args.cifar_stem,
-        )
+        if args.arch in VGG_ARCHS:
+            if args.layers is None:
+                raise UsageError(f"{args.arch} is shrunk by conv layers: pass --layers N")
+            student, summary = shrink_vgg(
+                load_state(args.checkpoint), args.arch, args.layers, args.select,
+                args.num_classes,
+            )  # fmt: skip
+        else:
+            if args.blocks is None:
+                raise UsageError(f"{args.arch} is shrunk by blocks per stage: pass --blocks")
+            try:
+                blocks = [int(b) for b in args.blocks.split(",")]
+            except ValueError:
+                raise UsageError(
+                    f"--blocks must be integers like 2,2,2,2, got {args.blocks!r}"
+                ) from None
+            student, summary = shrink_resnet(
+                load_state(args.checkpoint),
+                args.arch,
+                blocks,
+                select=args.select,
+                num_classes=args.num_classes,
+                cifar_stem=args.cifar_stem,
+            )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     save_references_checkpoint(student, summary, args.output)

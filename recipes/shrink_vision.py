@@ -1,8 +1,10 @@
-"""Shrink the depth of torchvision ResNet / WideResNet teachers to initialise shallower students.
+"""Shrink the depth of torchvision teachers to initialise shallower students.
 
-A student stage keeps a selection of the teacher stage's blocks (first k, evenly spaced, or an
-explicit list); the stem, the first block of each stage (which changes the resolution and width)
-and the classifier are always copied, so the student starts from the teacher's own features.
+ResNet / WideResNet: a student stage keeps a selection of the teacher stage's blocks (first k,
+evenly spaced, or an explicit list); the stem, the first block of each stage (which changes the
+resolution and width) and the classifier are always copied, so the student starts from the
+teacher's own features. VGG and plain CNN stacks (``nn.Sequential`` of conv layers): the student
+keeps a selection of the conv layers, each with the BatchNorm, ReLU and pooling that follow it.
 """
 
 from __future__ import annotations
@@ -181,6 +183,50 @@ def shrink_sequential(
             f"({groups[-1][0].out_channels}), got {channels}"
         )
     return nn.Sequential(*layers), {"conv_layers": len(groups), "kept": indices}
+
+
+VGG_ARCHS = ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")
+
+
+def vgg_student(arch: str, kept: Sequence[int], num_classes: int = 1000) -> nn.Module:
+    """The (untrained) student architecture that :func:`shrink_vgg` made: torchvision's
+    ``arch`` with only the conv layers ``kept``. Build it to load a shrunk checkpoint."""
+    import torchvision
+
+    if arch not in VGG_ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; VGG students come from {VGG_ARCHS}")
+    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    model.features, _ = shrink_sequential(model.features, len(kept), list(kept))
+    return model
+
+
+def shrink_vgg(
+    state: dict[str, torch.Tensor],
+    arch: str,
+    keep: int,
+    select: str | Sequence[int] = "first",
+    num_classes: int | None = None,
+) -> tuple[nn.Module, dict]:
+    """A VGG student with ``keep`` of the teacher's conv layers, initialised from them; the
+    classifier is the teacher's (adaptive pooling keeps its input size)."""
+    import torchvision
+
+    if arch not in VGG_ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; VGG teachers are {VGG_ARCHS}")
+    if num_classes is None:
+        num_classes = (
+            state["classifier.6.weight"].shape[0] if "classifier.6.weight" in state else 1000
+        )
+    teacher = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    try:
+        teacher.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"the checkpoint is not a {arch}: {str(exc).splitlines()[0]}") from None
+    features, info = shrink_sequential(teacher.features, keep, select)
+    teacher.features = features
+    summary = {"arch": arch, "conv_layers": [info["conv_layers"], keep], "kept": info["kept"],
+               "num_classes": num_classes}  # fmt: skip
+    return teacher, summary
 
 
 def save_references_checkpoint(model: nn.Module, summary: dict, output: str | Path) -> None:

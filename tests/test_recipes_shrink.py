@@ -14,7 +14,7 @@ import yaml
 from torch import nn
 
 from recipes.shrink_onmt import load_checkpoint, shrink_onmt_checkpoint, shrink_onmt_file
-from recipes.shrink_vision import shrink_resnet, shrink_sequential
+from recipes.shrink_vision import shrink_resnet, shrink_sequential, shrink_vgg, vgg_student
 
 BIN = Path(sys.executable).parent
 
@@ -65,6 +65,37 @@ def test_vgg_features_keep_chaining_convs_only():
     assert shrunk(torch.randn(1, 3, 32, 32)).shape[1] == 512
     with pytest.raises(ValueError, match="channels chain"):
         shrink_sequential(features, 3, "0,2,7")
+
+
+def test_vgg_student_from_the_teachers_conv_layers_reloads_and_runs(tmp_path):
+    teacher = torchvision.models.vgg11_bn(num_classes=10)
+    student, summary = shrink_vgg(teacher.state_dict(), "vgg11_bn", 6, "0,1,2,4,6,7")
+    assert summary["conv_layers"] == [8, 6] and summary["num_classes"] == 10
+    convs = [m for m in student.features if isinstance(m, torch.nn.Conv2d)]
+    teacher_convs = [m for m in teacher.features if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 6 and torch.equal(convs[3].weight, teacher_convs[4].weight)
+    assert torch.equal(student.classifier[6].weight, teacher.classifier[6].weight)
+    student.eval()  # a training-mode forward would move the BatchNorm statistics
+    assert student(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    # The CLI writes a references checkpoint; vgg_student rebuilds the architecture to load it.
+    path, out = tmp_path / "vgg.pth", tmp_path / "student.pth"
+    torch.save({"model": teacher.state_dict()}, path)
+    cmd = [BIN / "qdistill", "shrink", "vision", "--arch", "vgg11_bn", "--checkpoint", path]
+    done = subprocess.run([*cmd, "--layers", "6", "--select", "0,1,2,4,6,7", "-o", out],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    checkpoint = torch.load(out, weights_only=True)
+    rebuilt = vgg_student("vgg11_bn", checkpoint["args"]["kept"], num_classes=10)
+    rebuilt.load_state_dict(checkpoint["model"])
+    rebuilt.eval()
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(rebuilt(x), student(x))
+    for extra, message in (
+        (["--layers", "3", "--select", "0,2,7"], "channels chain"),
+        (["--blocks", "2,2,2,2"], "pass --layers N"),
+    ):
+        bad = subprocess.run([*cmd, *extra, "-o", out], capture_output=True, text=True)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_cli_writes_references_checkpoint_and_reports_errors(tmp_path):
