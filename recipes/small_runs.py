@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 import compressor
 from compressor.bit_allocation import allocate_bits
@@ -100,6 +101,11 @@ def batches(data: dict, batch_size: int, seed: int) -> Iterator[tuple[torch.Tens
             yield images, y[idx]
 
 
+def progress(iterator: Iterator, steps: int, desc: str) -> Iterator:
+    """Training batches with a progress bar on stderr (a line every ten seconds at most)."""
+    return tqdm(iterator, total=steps, desc=desc, unit="step", mininterval=10, leave=False)
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, data: dict) -> float:
     model.eval()
@@ -117,12 +123,12 @@ def _optimizer(model: nn.Module, cfg: SmallRunConfig, steps: int):  # noqa: ANN2
     return opt, torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=max(steps, 1))
 
 
-def _train(model, teacher, data, cfg, steps, alpha):  # noqa: ANN001, ANN202
+def _train(model, teacher, data, cfg, steps, alpha, desc):  # noqa: ANN001, ANN202
     opt, sched = _optimizer(model, cfg, steps)
     return quantized_distillation(
         model,
         teacher,
-        batches(data, cfg.batch_size, cfg.seed),
+        progress(batches(data, cfg.batch_size, cfg.seed), steps, desc),
         opt,
         steps,
         DistillConfig(cfg.temperature, alpha),
@@ -133,7 +139,7 @@ def _train(model, teacher, data, cfg, steps, alpha):  # noqa: ANN001, ANN202
 def train_teacher(data: dict, cfg: SmallRunConfig) -> nn.Module:
     torch.manual_seed(cfg.seed)
     teacher = tiny_cnn(cfg.teacher_width, cfg.teacher_depth).to(cfg.device)
-    _train(teacher, None, data, cfg, cfg.steps, cfg.alpha)
+    _train(teacher, None, data, cfg, cfg.steps, cfg.alpha, "teacher")
     return teacher
 
 
@@ -144,7 +150,8 @@ def student(cfg: SmallRunConfig) -> nn.Module:
 
 def run_fp32_student(data: dict, cfg: SmallRunConfig, teacher: nn.Module | None) -> nn.Module:
     model = student(cfg)
-    _train(model, teacher, data, cfg, cfg.steps, cfg.alpha)
+    desc = "student fp32" + (" distilled" if teacher is not None else "")
+    _train(model, teacher, data, cfg, cfg.steps, cfg.alpha, desc)
     return model
 
 
@@ -160,7 +167,7 @@ def run_quantized_distillation(
 ) -> tuple[nn.Module, list[dict]]:
     model = student(cfg)
     compressor.quantize_(model, compressor.QuantConfig(bits=bits)).to(cfg.device)
-    history = _train(model, teacher, data, cfg, cfg.steps, cfg.alpha)
+    history = _train(model, teacher, data, cfg, cfg.steps, cfg.alpha, f"QD {bits}-bit")
     return compressor.materialize_(model), history
 
 
@@ -182,7 +189,7 @@ def run_differentiable_quantization(
     compressor.quantize_(model, config).to(cfg.device)
     differentiable_quantization(
         model,
-        batches(data, cfg.batch_size, cfg.seed + 2),
+        progress(batches(data, cfg.batch_size, cfg.seed + 2), cfg.steps, f"DQ {bits}-bit"),
         cfg.steps,
         teacher=teacher,
         lr=1e-3,
@@ -215,7 +222,12 @@ def run_qkd(
     student_opt, _ = _optimizer(model, replace(cfg, lr=lr), cfg.steps)
     teacher_opt = torch.optim.SGD(teacher.parameters(), lr=cfg.lr / 10, momentum=0.9)
     history = qkd_train(
-        model, teacher, batches(data, cfg.batch_size, cfg.seed), schedule, student_opt, teacher_opt
+        model,
+        teacher,
+        progress(batches(data, cfg.batch_size, cfg.seed), cfg.steps, f"QKD W{bits}A{act_bits}"),
+        schedule,
+        student_opt,
+        teacher_opt,
     )
     return compressor.materialize_(model), history
 

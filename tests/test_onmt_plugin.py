@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -143,12 +144,18 @@ def test_resume_restores_the_shadow_weights(corpus):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_transformer_student_with_tied_generator_and_packing(corpus, tmp_path):
+@pytest.fixture(scope="module")
+def transformer(corpus) -> Path:
+    """A 4-bit transformer student with a tied generator, distilled from the LSTM teacher."""
     config = _config(
         corpus, encoder_type="transformer", decoder_type="transformer", heads=2,
         transformer_ff=64, position_encoding=True, share_decoder_embeddings=True,
     )  # fmt: skip
     _distil(corpus, "transformer", "-quant_bits", "4", "-quant_method", "nonuniform", config=config)
+    return corpus / "transformer_step_10.pt"
+
+
+def test_transformer_student_with_tied_generator_and_packing(corpus, transformer, tmp_path):
     checkpoint = _load(corpus / "transformer_step_10.pt")
     state = {
         **checkpoint["model"],
@@ -184,6 +191,48 @@ def test_transformer_student_with_tied_generator_and_packing(corpus, tmp_path):
     reference = (corpus / "pt.txt").read_text()
     assert len(reference.splitlines()) == 30
     assert (corpus / "qd.txt").read_text() == reference == (corpus / "unpacked.txt").read_text()
+
+
+def test_ctranslate2_export_scores_like_onmt_translate(corpus, transformer, tmp_path):
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    _run([BIN / "qdistill", "pack", transformer, "-o", tmp_path / "t.qd"], corpus)
+    for source, folder in ((transformer, "from_pt"), (tmp_path / "t.qd", "from_qd")):
+        done = _run([BIN / "qdistill", "onmt-export-ct2", source, "-o", tmp_path / folder], corpus)
+        assert "CTranslate2 model, float32 weights" in done.stdout
+    # The packed file decodes to the checkpoint's values, so both exports are the same bytes.
+    exported = (tmp_path / "from_pt" / "model.bin").read_bytes()
+    assert exported == (tmp_path / "from_qd" / "model.bin").read_bytes()
+    # Teacher-forced log-likelihood of the references: CTranslate2 against onmt_translate's
+    # GOLD SCORE (the mean over sentences of each sentence's total log-probability).
+    gold = _run([BIN / "onmt_translate", "-model", transformer, "-src", "src-val.txt",
+                 "-tgt", "tgt-val.txt", "-beam_size", "1", "-max_length", "8",
+                 "-output", tmp_path / "gold.txt"], corpus)  # fmt: skip
+    onmt_score = float(re.search(r"GOLD SCORE: (-?[\d.]+)", gold.stderr).group(1))
+    sources = [line.split() for line in (corpus / "src-val.txt").read_text().splitlines()]
+    targets = [line.split() for line in (corpus / "tgt-val.txt").read_text().splitlines()]
+    translator = ctranslate2.Translator(str(tmp_path / "from_qd"), device="cpu", intra_threads=1)
+    scored = translator.score_batch(sources, targets)
+    ct2_score = sum(sum(result.log_probs) for result in scored) / len(scored)
+    assert ct2_score == pytest.approx(onmt_score, rel=1e-4)
+    hypotheses = translator.translate_batch(sources, beam_size=1, max_decoding_length=8)
+    assert len(hypotheses) == 30 and all(h.hypotheses[0] for h in hypotheses)
+
+
+def test_ctranslate2_export_errors_are_one_line(corpus, transformer, tmp_path):
+    pytest.importorskip("ctranslate2")
+    for args, message in (
+        (
+            ["teacher_step_10.pt", "-o", tmp_path / "rnn"],
+            "transformer models only, this one is rnn",
+        ),
+        (["missing.pt", "-o", tmp_path / "m"], "no such file: missing.pt"),
+        (["src-val.txt", "-o", tmp_path / "txt"], "not a PyTorch checkpoint"),
+        ([transformer, "-o", corpus], "exists; remove it or pass --force"),
+    ):
+        done = _run([BIN / "qdistill", "onmt-export-ct2", *args], corpus, check=False)
+        assert done.returncode == 2, done.stderr
+        assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "rnn").exists()
 
 
 def test_differentiable_mode_learns_points_that_pack_exactly(corpus, tmp_path):
