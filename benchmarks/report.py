@@ -55,13 +55,6 @@ def _cifar_section(lines: list[str]) -> None:
     lines.extend(_cifar_goals(by_name))
     _cifar_plot(rows)
     lines.append("![CIFAR-10 accuracy against file size](cifar_accuracy_vs_bytes.png)\n")
-    cost = _load(RESULTS / "cifar" / "training_cost.json")
-    if cost:
-        lines.append(
-            f"Training cost: one quantized-distillation step takes {cost['ratio']:.2f}x one plain "
-            f"fp32 step of the same student on the same batch (median of "
-            f"{cost['plain_fp32_step']['repeats']}; goal {cost['goal']}).\n"
-        )
 
 
 def _goal(text: str, value: float, target: float, met: bool) -> str:
@@ -151,6 +144,67 @@ def _cifar_plot(rows: list[dict]) -> None:
     plt.close(fig)
 
 
+def _spread(r: dict) -> str:
+    return f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})"
+
+
+def _training_cost_section(lines: list[str]) -> None:
+    cost = _load(RESULTS / "training_cost.json")
+    if not cost:
+        lines.append("_No figures yet: run `python -m benchmarks.bench_training_cost`._\n")
+        return
+    lines.append(
+        "One quantized-distillation step of a 4-bit student against one plain fp32 step of "
+        "the same student without a teacher, same batches, median and min-max of "
+        f"{cost['config']['repeats']}+ repeats (goal {cost['goal']}):\n"
+    )
+    for part in ("vision", "translation"):
+        if part in cost:
+            r = cost[part]
+            met = "met" if r["ratio"]["median"] <= 1.3 else "MISSED"
+            lines.append(f"- {part}: {_spread(r['ratio'])} - {met}; {r['setup']}")
+    lines.append("")
+
+
+def _inference_section(lines: list[str]) -> None:
+    speed = _load(RESULTS / "inference.json")
+    if not speed:
+        lines.append("_No figures yet: run `python -m benchmarks.bench_inference`._\n")
+        return
+    lines.append(
+        "Student time over teacher time on this CPU, median and min-max of "
+        f"{speed['config']['repeats']} repeats, next to what the depth (weighted layers) "
+        "and the FLOPs predict:\n"
+    )
+    lines.append("| models | batch | teacher | student | student / teacher | depth | FLOPs |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|")
+    for r in speed["classification"]:
+        t, s = r["teacher"], r["student"]
+        lines.append(
+            f"| {r['name']} | {'x'.join(map(str, r['batch_shape']))} | "
+            f"{t['images_per_s']:.0f} img/s | {s['images_per_s']:.0f} img/s | "
+            f"{_spread(r['student_over_teacher_time'])} | {r['predicted_by_depth']:.2f} | "
+            f"{r['predicted_by_flops']:.2f} |"
+        )
+    if "translation" in speed:
+        r = speed["translation"]
+        lines.append(
+            f"| onmt_translate, {r['sentences']} test sentences, beam "
+            f"{r['settings']['beam_size']} | {r['settings']['batch_size']} sentences | "
+            f"{r['teacher']['tokens_per_s']:.0f} tok/s | {r['student_qd4']['tokens_per_s']:.0f} "
+            f"tok/s | {_spread(r['student_over_teacher_time'])} | {r['predicted_by_depth']:.2f} "
+            "| |"
+        )
+    lines.append("")
+    if "loading" in speed:
+        load = speed["loading"]
+        lines.append(
+            f"Loading the packed 4-bit student ({load['packed']['bytes']:,} bytes) takes "
+            f"{_spread(load['packed_over_fp32_time'])} the time of loading the same weights as "
+            f"an fp32 checkpoint ({load['fp32_checkpoint']['bytes']:,} bytes).\n"
+        )
+
+
 def _timing_section(lines: list[str]) -> None:
     quantizer = _load(RESULTS / "quantizer.json")
     if quantizer:
@@ -186,6 +240,10 @@ def main() -> Path:
     _cifar_section(lines)
     lines.append("## Multi30k de-en\n")
     _translation_section(lines)
+    lines.append("## Training cost\n")
+    _training_cost_section(lines)
+    lines.append("## Inference speed\n")
+    _inference_section(lines)
     lines.append("## Core speed\n")
     _timing_section(lines)
     path = HERE / "REPORT.md"

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from benchmarks import bench_cifar, bench_packed, bench_quantizer, bench_translation, report
+from benchmarks import (
+    bench_cifar,
+    bench_inference,
+    bench_packed,
+    bench_quantizer,
+    bench_training_cost,
+    bench_translation,
+    report,
+)
 
 
 def main() -> None:
@@ -10,6 +18,8 @@ def main() -> None:
     bench_packed.main([])
     bench_cifar.main([])
     bench_translation.main([])
+    bench_training_cost.main([])
+    bench_inference.main([])
     report.main()
 
 

@@ -40,6 +40,7 @@ from compressor.differentiable import (  # noqa: E402
     point_parameters,
 )
 from compressor.distillation import (  # noqa: E402
+    TopKLogits,
     distillation_loss,
 )
 from compressor.lsq import (  # noqa: E402
@@ -103,6 +104,7 @@ __all__ = [
     "QuantConfig",
     "QuantSpec",
     "SizeReport",
+    "TopKLogits",
     "UniformQuantizer",
     "WeightQuantizer",
     "activation_quantizers",

@@ -101,6 +101,15 @@ def _patch_model_saver(model_saver: ModuleType) -> None:
             from onmt_plugin.checkpoint import rewrite_checkpoint
 
             rewrite_checkpoint(ckpt_path, model)
+            state = model._qdistill
+            if state.settings.topk:
+                from onmt.utils.logging import logger
+
+                served = state.top_k_hits / max(state.top_k_hits + state.top_k_misses, 1)
+                logger.info(
+                    f"qdistill: teacher top-{state.settings.topk} cache holds "
+                    f"{len(state.top_k_cache)} examples; {served:.0%} of batches served from it"
+                )
         return ckpt_path, model_path
 
     saver._save = _save

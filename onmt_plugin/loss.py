@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from compressor.distillation import distillation_loss
-from onmt_plugin.student import teacher_logits
+from onmt_plugin.student import teacher_targets
 
 
 def distillation_loss_class(base: type) -> type:
@@ -41,12 +41,14 @@ def distillation_loss_class(base: type) -> type:
                 trunc_size = batch["tgt"].size(1) - trunc_start
             end = trunc_start + trunc_size
             target = batch["tgt"][:, trunc_start + self.tgt_shift_index : end, 0]
-            teacher = teacher_logits(state, batch, end)[: student.size(0)]
+            target = target.reshape(-1)
+            keep = target != self.padding_idx  # pad positions count in neither term
+            teacher = teacher_targets(state, batch, end, keep)
             settings = state.settings
             soft = distillation_loss(
-                student,
+                student[keep],
                 teacher,
-                target.contiguous().view(-1),
+                target[keep],
                 settings.temperature,
                 1.0,
                 ignore_index=self.padding_idx,

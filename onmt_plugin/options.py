@@ -60,6 +60,16 @@ def add_options(parser) -> None:  # noqa: ANN001
     )
     group.add("--distill_alpha", "-distill_alpha", type=float, default=0.7,
               help="Weight of the distillation term; 1 - alpha weighs the CE.")  # fmt: skip
+    group.add(
+        "--distill_topk",
+        "-distill_topk",
+        type=int,
+        default=0,
+        help="Distil from the teacher's K largest logits per target token, computed the first "
+        "time a training example is seen and kept in memory (about 8*K bytes per target token), "
+        "so the teacher runs once per example instead of once per batch. An approximation: the "
+        "teacher is renormalised over its K classes. 0 (default): the full teacher, exactly.",
+    )
 
 
 UNSUPPORTED = (
@@ -82,6 +92,7 @@ class QuantDistillSettings:
     keep_first_last: bool
     temperature: float
     alpha: float
+    topk: int = 0
 
     @classmethod
     def from_opt(cls, opt) -> QuantDistillSettings:  # noqa: ANN001
@@ -100,6 +111,9 @@ class QuantDistillSettings:
             raise ValueError(f"--distill_temperature must be > 0, got {opt.distill_temperature}")
         if not 0 <= opt.distill_alpha <= 1:
             raise ValueError(f"--distill_alpha must be in [0, 1], got {opt.distill_alpha}")
+        topk = getattr(opt, "distill_topk", 0)
+        if topk < 0:
+            raise ValueError(f"--distill_topk must be 0 (exact) or a positive K, got {topk}")
         if opt.quant_rounding == "stochastic" and opt.quant_method != "uniform":
             raise ValueError("--quant_rounding stochastic needs --quant_method uniform")
         return cls(
@@ -111,6 +125,7 @@ class QuantDistillSettings:
             keep_first_last=opt.quant_keep_first_last,
             temperature=opt.distill_temperature,
             alpha=opt.distill_alpha,
+            topk=topk,
         )
 
     def quant_config(self):  # noqa: ANN201

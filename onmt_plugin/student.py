@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,6 +18,11 @@ class DistillState:
 
     teacher: nn.Module
     settings: QuantDistillSettings
+    # --distill_topk: (corpus id, line) -> the teacher's top-k (values, int32 classes) per
+    # target token of that example.
+    top_k_cache: dict = field(default_factory=dict)
+    top_k_hits: int = 0  # batches served from the cache
+    top_k_misses: int = 0  # batches the teacher ran on
 
 
 def load_teacher(settings: QuantDistillSettings, opt, vocabs, device_id, build, train_single):  # noqa: ANN001, ANN201
@@ -64,9 +69,39 @@ def prepare_student(model, opt, vocabs, checkpoint, device_id, settings, build, 
 
 
 @torch.no_grad()
-def teacher_logits(state: DistillState, batch: dict, target_len: int) -> torch.Tensor:
-    """The teacher's logits on the batch the student just saw, for its first ``target_len``
-    target positions, flattened like the student's scores."""
+def teacher_logits(
+    state: DistillState, batch: dict, target_len: int, keep: torch.Tensor
+) -> torch.Tensor:
+    """The teacher's logits on the batch the student just saw, at the positions ``keep``
+    selects among its first ``target_len`` target positions flattened like the student's
+    scores. The full-vocabulary generator, most of the teacher's cost, skips the padding."""
     output, _ = state.teacher(batch["src"], batch["tgt"], batch["srclen"], with_align=False)
-    output = output[:, :target_len, :].contiguous()
-    return state.teacher.generator(output.view(-1, output.size(2)))
+    output = output[:, :target_len, :].reshape(-1, output.size(2))[: keep.numel()]
+    return state.teacher.generator(output[keep])
+
+
+def teacher_targets(
+    state: DistillState, batch: dict, target_len: int, keep: torch.Tensor
+) -> torch.Tensor | compressor.TopKLogits:
+    """What the student distils from at the ``keep`` positions: the teacher's logits, or with
+    ``--distill_topk K`` its top K, taken from the cache when every example of the batch has
+    been seen (OpenNMT names each by corpus id and line number) and computed otherwise."""
+    k = state.settings.topk
+    if not k:
+        return teacher_logits(state, batch, target_len, keep)
+    names = list(zip(batch.get("cid") or [], batch.get("cid_line_number") or []))
+    counts = keep.view(len(batch["srclen"]), -1).sum(dim=1).tolist()
+    cached = [state.top_k_cache.get(name) for name in names]
+    if len(names) == len(counts) and all(
+        c is not None and len(c[0]) == n for c, n in zip(cached, counts)
+    ):
+        state.top_k_hits += 1
+        values = torch.cat([c[0] for c in cached]).to(keep.device)
+        return compressor.TopKLogits(values, torch.cat([c[1] for c in cached]).to(keep.device))
+    state.top_k_misses += 1
+    top = compressor.TopKLogits.of(teacher_logits(state, batch, target_len, keep), k)
+    if len(names) == len(counts):
+        values = top.values.float().cpu().split(counts)
+        classes = top.indices.to(torch.int32).cpu().split(counts)
+        state.top_k_cache.update(zip(names, zip(values, classes)))
+    return top

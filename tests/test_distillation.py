@@ -45,6 +45,28 @@ def test_loss_matches_definition(t, alpha, reduction):
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize(("t", "alpha"), [(1.0, 0.7), (2.0, 1.0)])
+def test_top_k_teacher_is_the_teacher_renormalised_over_its_k_classes(t, alpha):
+    student, teacher, target = _logits(c=9, seed=3)
+    full = distillation_loss(student, teacher, target, t, alpha, reduction="sum")
+    every = compressor.TopKLogits.of(teacher, 9)
+    assert distillation_loss(student, every, target, t, alpha, reduction="sum").item() == (
+        pytest.approx(full.item(), rel=1e-5)
+    )
+    top = compressor.TopKLogits.of(teacher, 3)
+    got = distillation_loss(student, top, target, t, alpha, reduction="sum")
+    # By hand: masking the other classes' logits to -inf renormalises over the top 3.
+    masked = torch.full_like(teacher, float("-inf")).scatter(1, top.indices, top.values)
+    keep = target != -100
+    s, y = student[keep].double(), target[keep]
+    p_t = torch.softmax(masked[keep].double() / t, -1)
+    log_q = torch.log_softmax(s / t, -1)
+    kl = torch.where(p_t > 0, p_t * (torch.log(p_t) - log_q), torch.zeros_like(p_t)).sum()
+    ce = -torch.log_softmax(s, -1).gather(1, y[:, None]).sum()
+    assert got.item() == pytest.approx(((1 - alpha) * ce + alpha * t * t * kl).item(), rel=1e-5)
+    assert got.item() != pytest.approx(full.item(), rel=1e-3)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_gradient_matches_closed_form(reduction):
     """d loss / d z = (1-a)(softmax(z) - onehot) + a T (softmax(z/T) - softmax(t/T)) per counted

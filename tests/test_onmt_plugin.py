@@ -133,6 +133,20 @@ def test_lstm_student_checkpoint_is_quantized_and_stock_translate_runs_it(corpus
     assert off == on and len(off.splitlines()) == 30
 
 
+def test_top_k_teacher_cache_serves_later_epochs(corpus):
+    # 400 pairs in batches of 16 sentences: 25 batches an epoch, so 60 steps see each example
+    # two or three times; from the second epoch on, the teacher's top-k comes from the cache.
+    done = _distil(corpus, "topk", "-quant_bits", "4", "-distill_topk", "5",
+                   "-train_steps", "60", "-save_checkpoint_steps", "60")  # fmt: skip
+    line = re.search(r"teacher top-5 cache holds (\d+) examples; (\d+)% of batches", done.stderr)
+    assert line, done.stderr[-2000:]
+    examples, served = int(line.group(1)), int(line.group(2))
+    assert 300 <= examples <= 400 and 30 <= served <= 70, line.group(0)
+    checkpoint = _load(corpus / "topk_step_60.pt")
+    assert checkpoint["qdistill"]["specs"] and torch.isfinite(checkpoint["model"][
+        "decoder.rnn.layers.0.weight_ih"]).all()  # fmt: skip
+
+
 def test_resume_restores_the_shadow_weights(corpus):
     _distil(corpus, "first", "-quant_bits", "4")
     # A fresh optimizer with a zero learning rate leaves the weights where the resume put them.
@@ -272,6 +286,7 @@ def test_post_training_quantization_of_a_teacher(corpus):
     [
         (["-teacher_model", "missing.pt"], "--teacher_model missing.pt does not exist"),
         (["-quant_bits", "9"], "--quant_bits must be from 1 to 8"),
+        (["-distill_topk", "-1"], "--distill_topk must be 0 (exact) or a positive K"),
         (["-copy_attn"], "does not support -copy_attn"),
         (["-src_vocab_size", "100", "-tgt_vocab_size", "100"], "vocabularies differ"),
     ],

@@ -1,0 +1,142 @@
+"""What quantized distillation costs in training time: one step of a 4-bit student trained
+against its teacher, as a ratio to one plain fp32 step of the same student without a teacher,
+on the same batches, timed in the same run.
+
+- vision: the CIFAR-10 recipe's student and teacher (their architectures at the chosen scale),
+  one ``distill_step`` on one batch, repeated.
+- translation: the stock ``onmt_train`` on the Multi30k sample, the 1-layer student started
+  from the 2-layer teacher's first layers (the multi30k recipe's models, or ``make demo``'s),
+  plainly and with ``-quantized_distill``; the time per step is read from the timestamps of
+  OpenNMT's own step log lines, after the first report (start-up and warm-up excluded).
+
+    python -m benchmarks.bench_training_cost [--repeats 5] [--onmt-steps 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import yaml
+
+import compressor
+from benchmarks.bench_inference import TRANSLATION_DIRS
+from benchmarks.common import ratio, timings, write_result
+from compressor.training import DistillConfig, distill_step, freeze_
+from recipes import small_runs as runs
+from recipes.experiments import load_recipe
+
+_STEP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO\] Step (\d+)/", re.M)
+
+
+def vision(scale: str, repeats: int) -> dict:
+    cfg = runs.SmallRunConfig(**load_recipe("cifar10").parameters(scale))
+    data = runs.load_cifar10(runs.data_root(), 512, 64, cfg.seed, "cpu")
+    inputs, target = next(runs.batches(data, cfg.batch_size, cfg.seed))
+    teacher = runs.tiny_cnn(cfg.teacher_width, cfg.teacher_depth)
+    plain, quantized = runs.student(cfg), runs.student(cfg)
+    compressor.quantize_(quantized, compressor.QuantConfig(bits=4))
+    config = DistillConfig(cfg.temperature, cfg.alpha)
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=1e-3, momentum=0.9)
+    quant_opt = torch.optim.SGD(quantized.parameters(), lr=1e-3, momentum=0.9)
+    freeze_(teacher)
+    base = timings(lambda: distill_step(plain, None, inputs, target, plain_opt, config), repeats)
+    distil = timings(
+        lambda: distill_step(quantized, teacher, inputs, target, quant_opt, config), repeats
+    )
+    return {
+        "setup": f"CIFAR-10 CNN student (depth {cfg.student_depth}, width {cfg.student_width}) "
+        f"and teacher (depth {cfg.teacher_depth}, width {cfg.teacher_width}), batch "
+        f"{cfg.batch_size}",
+        "plain_fp32_step": base,
+        "quantized_distillation_step": distil,
+        "ratio": ratio(distil, base),
+    }
+
+
+def _seconds_per_step(log: str) -> float:
+    stamps = [(int(step), datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f"))
+              for t, step in _STEP.findall(log)]  # fmt: skip
+    if len(stamps) < 2:
+        raise RuntimeError(f"onmt_train reported fewer than two steps:\n{log[-2000:]}")
+    (first_step, first), (last_step, last) = stamps[0], stamps[-1]
+    return (last - first).total_seconds() / (last_step - first_step)
+
+
+def translation(folder: Path, steps: int, repeats: int, threads: int) -> dict:
+    """Plain and quantized-distillation ``onmt_train`` runs, interleaved."""
+    config = yaml.safe_load((folder / "student_qd4.yaml").read_text())
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    start = ["-train_from", str(folder / "student_init.pt"), "-reset_optim", "all"]
+    runs_args = {
+        "plain_fp32_step": start,
+        "quantized_distillation_step": [*start, "-quantized_distill", "-teacher_model",
+                                        str(folder / "teacher.pt"), "-quant_bits", "4"],
+    }  # fmt: skip
+    samples: dict[str, list[float]] = {name: [] for name in runs_args}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in runs_args:
+            path = Path(tmp) / f"{name}.yaml"
+            path.write_text(yaml.safe_dump({
+                **config, "save_model": f"{tmp}/{name}", "train_steps": steps,
+                "report_every": 10, "save_checkpoint_steps": 10 * steps, "valid_steps": 10 * steps,
+            }))  # fmt: skip
+        for _ in range(repeats):
+            for name, args in runs_args.items():
+                done = subprocess.run(
+                    [bin_dir / "onmt_train", "-config", f"{tmp}/{name}.yaml", *args],
+                    capture_output=True, text=True, env=env,
+                )  # fmt: skip
+                if done.returncode:
+                    raise RuntimeError(f"onmt_train failed:\n{done.stderr[-2000:]}")
+                samples[name].append(_seconds_per_step(done.stderr + done.stdout))
+                print(f"    {name}: {samples[name][-1]:.3f} s/step", flush=True)
+    rows = {
+        name: {"median_s": statistics.median(s), "min_s": min(s), "max_s": max(s),
+               "repeats": len(s)}
+        for name, s in samples.items()
+    }  # fmt: skip
+    return {
+        "setup": f"onmt_train, {config['layers']}-layer LSTM student ({config['hidden_size']} "
+        f"units) from {folder}, {config['batch_size']} tokens a batch, {steps} steps, "
+        f"{threads} threads",
+        **rows,
+        "ratio": ratio(rows["quantized_distillation_step"], rows["plain_fp32_step"]),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", default="cpu", choices=("cpu", "paper"))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--onmt-steps", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--translation-dir", help="a multi30k recipe work folder (default: "
+                        "the recipe's, else make demo's)")  # fmt: skip
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    result: dict = {"config": vars(args), "goal": "at most 1.3x"}
+    result["vision"] = vision(args.scale, max(args.repeats, 7))
+    print(f"training cost, vision: {result['vision']['ratio']['median']:.2f}x", flush=True)
+    candidates = [Path(args.translation_dir)] if args.translation_dir else TRANSLATION_DIRS
+    folder = next((f for f in candidates if (f / "student_qd4.yaml").exists()), None)
+    if folder is None:
+        print("training cost: no multi30k recipe or demo run yet; translation skipped")
+    else:
+        result["translation"] = translation(folder, args.onmt_steps, args.repeats, args.threads)
+        print(f"training cost, translation: {result['translation']['ratio']['median']:.2f}x")
+    write_result("training_cost", result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
