@@ -28,7 +28,7 @@ import torch
 import yaml
 
 import compressor
-from benchmarks.bench_inference import TRANSLATION_DIRS
+from benchmarks.bench_inference import ROOT, TRANSLATION_DIRS
 from benchmarks.common import ratio, timings, write_result
 from compressor.training import DistillConfig, distill_step, freeze_
 from recipes import small_runs as runs
@@ -62,55 +62,70 @@ def vision(scale: str, repeats: int) -> dict:
     }
 
 
-def _seconds_per_step(log: str) -> float:
+def _seconds_per_step(log: str, after: int) -> float:
+    """Seconds per step between OpenNMT's first step line past ``after`` and its last one."""
     stamps = [(int(step), datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f"))
-              for t, step in _STEP.findall(log)]  # fmt: skip
+              for t, step in _STEP.findall(log) if int(step) >= after]  # fmt: skip
     if len(stamps) < 2:
-        raise RuntimeError(f"onmt_train reported fewer than two steps:\n{log[-2000:]}")
+        raise RuntimeError(f"onmt_train reported fewer than two steps past {after}:\n{log[-2000:]}")
     (first_step, first), (last_step, last) = stamps[0], stamps[-1]
     return (last - first).total_seconds() / (last_step - first_step)
 
 
-def translation(folder: Path, steps: int, repeats: int, threads: int) -> dict:
-    """Plain and quantized-distillation ``onmt_train`` runs, interleaved."""
+def translation(folder: Path, steps: int, repeats: int, threads: int, pairs: int,
+                top_k: int) -> dict:  # fmt: skip
+    """Plain, quantized-distillation and top-k cached quantized-distillation ``onmt_train``
+    runs, interleaved, on the first ``pairs`` training pairs: small enough that the timed
+    second half of the run is past the first epoch, where the top-k cache is warm."""
     config = yaml.safe_load((folder / "student_qd4.yaml").read_text())
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     start = ["-train_from", str(folder / "student_init.pt"), "-reset_optim", "all"]
-    runs_args = {
+    distil = [*start, "-quantized_distill", "-teacher_model", str(folder / "teacher.pt"),
+              "-quant_bits", "4"]  # fmt: skip
+    variants = {
         "plain_fp32_step": start,
-        "quantized_distillation_step": [*start, "-quantized_distill", "-teacher_model",
-                                        str(folder / "teacher.pt"), "-quant_bits", "4"],
-    }  # fmt: skip
-    samples: dict[str, list[float]] = {name: [] for name in runs_args}
+        "quantized_distillation_step": distil,
+        f"quantized_distillation_top{top_k}_cached_step": [*distil, "-distill_topk", str(top_k)],
+    }
+    samples: dict[str, list[float]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in runs_args:
-            path = Path(tmp) / f"{name}.yaml"
-            path.write_text(yaml.safe_dump({
-                **config, "save_model": f"{tmp}/{name}", "train_steps": steps,
+        corpus = {}
+        for side in ("src", "tgt"):
+            lines = Path(config["data"]["corpus_1"][f"path_{side}"]).read_text().splitlines()
+            corpus[f"path_{side}"] = f"{tmp}/train.{side}"
+            Path(corpus[f"path_{side}"]).write_text("\n".join(lines[:pairs]) + "\n")
+        data = {**config["data"], "corpus_1": corpus}
+        for name in variants:
+            Path(f"{tmp}/{name}.yaml").write_text(yaml.safe_dump({
+                **config, "data": data, "save_model": f"{tmp}/{name}", "train_steps": steps,
                 "report_every": 10, "save_checkpoint_steps": 10 * steps, "valid_steps": 10 * steps,
             }))  # fmt: skip
         for _ in range(repeats):
-            for name, args in runs_args.items():
+            for name, args in variants.items():
                 done = subprocess.run(
                     [bin_dir / "onmt_train", "-config", f"{tmp}/{name}.yaml", *args],
                     capture_output=True, text=True, env=env,
                 )  # fmt: skip
                 if done.returncode:
                     raise RuntimeError(f"onmt_train failed:\n{done.stderr[-2000:]}")
-                samples[name].append(_seconds_per_step(done.stderr + done.stdout))
+                samples[name].append(_seconds_per_step(done.stderr + done.stdout, steps // 2))
                 print(f"    {name}: {samples[name][-1]:.3f} s/step", flush=True)
     rows = {
         name: {"median_s": statistics.median(s), "min_s": min(s), "max_s": max(s),
                "repeats": len(s)}
         for name, s in samples.items()
     }  # fmt: skip
+    plain = rows["plain_fp32_step"]
     return {
         "setup": f"onmt_train, {config['layers']}-layer LSTM student ({config['hidden_size']} "
-        f"units) from {folder}, {config['batch_size']} tokens a batch, {steps} steps, "
-        f"{threads} threads",
+        f"units) from {folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder}, "
+        f"first {pairs:,} training pairs, {config['batch_size']} tokens a batch, steps "
+        f"{steps // 2}-{steps} timed, {threads} threads",
         **rows,
-        "ratio": ratio(rows["quantized_distillation_step"], rows["plain_fp32_step"]),
+        "ratio": ratio(rows["quantized_distillation_step"], plain),
+        "top_k": top_k,
+        "ratio_top_k_cached": ratio(rows[f"quantized_distillation_top{top_k}_cached_step"], plain),
     }
 
 
@@ -118,7 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", default="cpu", choices=("cpu", "paper"))
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--onmt-steps", type=int, default=60)
+    parser.add_argument("--onmt-steps", type=int, default=80)
+    parser.add_argument("--onmt-pairs", type=int, default=2000, help="training pairs used")
+    parser.add_argument("--top-k", type=int, default=8, help="K of the -distill_topk run")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--translation-dir", help="a multi30k recipe work folder (default: "
                         "the recipe's, else make demo's)")  # fmt: skip
@@ -132,7 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     if folder is None:
         print("training cost: no multi30k recipe or demo run yet; translation skipped")
     else:
-        result["translation"] = translation(folder, args.onmt_steps, args.repeats, args.threads)
+        result["translation"] = translation(folder, args.onmt_steps, args.repeats, args.threads,
+                                            args.onmt_pairs, args.top_k)  # fmt: skip
         print(f"training cost, translation: {result['translation']['ratio']['median']:.2f}x")
     write_result("training_cost", result)
     return result

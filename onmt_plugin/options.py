@@ -82,6 +82,13 @@ UNSUPPORTED = (
 )
 
 
+def _samples_subwords(opt, side: str) -> bool:  # noqa: ANN001
+    """Whether OpenNMT's subword transforms draw a different segmentation each epoch."""
+    nbest = getattr(opt, f"{side}_subword_nbest", 1) or 1
+    alpha = getattr(opt, f"{side}_subword_alpha", 0) or 0
+    return nbest not in (0, 1) or alpha > 0
+
+
 @dataclass(frozen=True)
 class QuantDistillSettings:
     teacher_model: str
@@ -114,6 +121,11 @@ class QuantDistillSettings:
         topk = getattr(opt, "distill_topk", 0)
         if topk < 0:
             raise ValueError(f"--distill_topk must be 0 (exact) or a positive K, got {topk}")
+        if topk and any(_samples_subwords(opt, side) for side in ("src", "tgt")):
+            raise ValueError(
+                "--distill_topk caches the teacher per example, so it needs the same subwords "
+                "every epoch: remove subword sampling (-*_subword_nbest/-*_subword_alpha)"
+            )
         if opt.quant_rounding == "stochastic" and opt.quant_method != "uniform":
             raise ValueError("--quant_rounding stochastic needs --quant_method uniform")
         return cls(

@@ -51,6 +51,9 @@ class TranslationScale:
     bits: tuple[int, ...] = (4,)  # quantized distillation students
     pm_bits: tuple[int, ...] = (4,)  # post-training quantized teachers
     dq_bits: tuple[int, ...] = ()  # differentiable quantization (learned points) students
+    # 4-bit quantized distillation students distilled from the teacher's cached top-k logits
+    # (-distill_topk K), to measure what that approximation costs in BLEU
+    top_k: tuple[int, ...] = ()
     fp32_student: bool = False  # also the shallow student in full precision, labels only
     bucket_size: int = 256
     distill_alpha: float = 0.7
@@ -324,16 +327,19 @@ def run(corpus: Corpus, scale: TranslationScale, work_dir: str | os.PathLike) ->
         models["student_fp32"] = strip_optimizer(ckpt, work / "student_fp32.pt")
     students = [(f"student_qd{b}", b, "uniform") for b in scale.bits]
     students += [(f"student_dq{b}", b, "differentiable") for b in scale.dq_bits]
-    for name, bits, method in students:
+    students = [(name, bits, method, 0) for name, bits, method in students]
+    students += [(f"student_qd4_top{k}", 4, "uniform", k) for k in scale.top_k]
+    for name, bits, method, top_k in students:
+        cached = f", teacher's top-{top_k} logits cached" if top_k else ""
         print(
             f"[5/{steps}] {name}: {scale.student_layers}-layer {bits}-bit student, {method} "
-            f"quantized distillation, {scale.student_steps} steps",
+            f"quantized distillation{cached}, {scale.student_steps} steps",
             flush=True,
         )
         distill = [
             "-quantized_distill", "-teacher_model", str(teacher), "-quant_bits", str(bits),
             "-quant_method", method, "-quant_bucket_size", str(scale.bucket_size),
-            "-distill_alpha", str(scale.distill_alpha),
+            "-distill_alpha", str(scale.distill_alpha), "-distill_topk", str(top_k),
             "-distill_temperature", str(scale.distill_temperature), *from_teacher,
         ]  # fmt: skip
         ckpt = train(student_config, work, name, scale.student_steps, scale.threads, distill)

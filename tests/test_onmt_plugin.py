@@ -287,6 +287,7 @@ def test_post_training_quantization_of_a_teacher(corpus):
         (["-teacher_model", "missing.pt"], "--teacher_model missing.pt does not exist"),
         (["-quant_bits", "9"], "--quant_bits must be from 1 to 8"),
         (["-distill_topk", "-1"], "--distill_topk must be 0 (exact) or a positive K"),
+        (["-distill_topk", "4", "-src_subword_alpha", "0.1"], "same subwords every epoch"),
         (["-copy_attn"], "does not support -copy_attn"),
         (["-src_vocab_size", "100", "-tgt_vocab_size", "100"], "vocabularies differ"),
     ],
