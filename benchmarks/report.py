@@ -170,6 +170,19 @@ def _training_cost_section(lines: list[str]) -> None:
                     f"- {part} with `-distill_topk {r['top_k']}` once its cache is warm (from "
                     f"the second epoch on): {_spread(cached)} - {met}"
                 )
+    topk = _load(RESULTS / "topk.json")
+    if topk:
+        rows = {r["name"]: r for r in topk["rows"]}
+        k = topk["scale"]["top_k"][0]
+        exact, cached = rows["student_qd4"], rows[f"student_qd4_top{k}"]
+        lines.append(
+            f"- what `-distill_topk {k}` costs in quality (`python -m benchmarks.bench_topk`, "
+            f"the demo's scale: {topk['counts']['train.src']:,} pairs, "
+            f"{topk['scale']['student_steps']} student steps): BLEU {cached['bleu']:.2f} against "
+            f"{exact['bleu']:.2f} with the full teacher, chrF {cached['chrf']:.2f} against "
+            f"{exact['chrf']:.2f}, perplexity per word {cached['ppl_word']:.2f} against "
+            f"{exact['ppl_word']:.2f} (one seed)"
+        )
     lines.append("")
 
 

@@ -7,6 +7,7 @@ from benchmarks import (
     bench_inference,
     bench_packed,
     bench_quantizer,
+    bench_topk,
     bench_training_cost,
     bench_translation,
     report,
@@ -19,6 +20,7 @@ def main() -> None:
     bench_cifar.main([])
     bench_translation.main([])
     bench_training_cost.main([])
+    bench_topk.main([])
     bench_inference.main([])
     report.main()
 

@@ -21,15 +21,48 @@ def check_distillation_settings(temperature: float, alpha: float) -> None:
 class TopKLogits(NamedTuple):
     """A teacher's ``k`` largest logits per position and their classes: a compact stand-in
     for full logits (``k`` values instead of the vocabulary), e.g. to store a teacher's outputs
-    once per data set. Distilling from it renormalises the teacher over those ``k`` classes."""
+    once per data set.
+
+    With ``log_normalizer`` (the full logits' ``logsumexp(logits / temperature)``, one value
+    per position, which :meth:`of` records when given the temperature) the other classes are
+    kept as one merged class holding the rest of the teacher's probability, and distilling
+    from it is the exact KL between the two distributions coarsened to those ``k + 1`` classes.
+    Without it the teacher is renormalised over its ``k`` classes."""
 
     values: torch.Tensor  # (..., k)
     indices: torch.Tensor  # (..., k), int64
+    log_normalizer: torch.Tensor | None = None  # (...,)
+    temperature: float | None = None  # that log_normalizer's
 
     @classmethod
-    def of(cls, logits: torch.Tensor, k: int) -> TopKLogits:
-        values, indices = logits.detach().topk(min(k, logits.shape[-1]), dim=-1)
-        return cls(values, indices)
+    def of(cls, logits: torch.Tensor, k: int, temperature: float | None = None) -> TopKLogits:
+        logits = logits.detach()
+        values, indices = logits.topk(min(k, logits.shape[-1]), dim=-1)
+        if temperature is None:
+            return cls(values, indices)
+        log_normalizer = torch.logsumexp(logits.float() / temperature, dim=-1)
+        return cls(values, indices, log_normalizer, temperature)
+
+
+def _top_k_kl(
+    log_p_student: torch.Tensor, teacher: torch.Tensor, indices: torch.Tensor,
+    log_normalizer: torch.Tensor | None, temperature: float,
+) -> torch.Tensor:  # fmt: skip
+    """Summed KL(teacher || student) over a top-k teacher's classes (plus the merged rest)."""
+    log_q = log_p_student.gather(-1, indices)
+    if log_normalizer is None or indices.shape[-1] == log_p_student.shape[-1]:
+        # Renormalised over the k classes (exact when they are all the classes).
+        return F.kl_div(log_q, F.log_softmax(teacher / temperature, dim=-1), log_target=True,
+                        reduction="sum")  # fmt: skip
+    log_p = teacher / temperature - log_normalizer[:, None]
+    # The rest of each side's mass, kept away from 0 so that 0 * log 0 stays 0; from the k
+    # classes alone, so the vocabulary-wide work is the student's log-softmax only.
+    tiny = torch.finfo(log_p.dtype).tiny
+    log_p_rest = torch.log((1 - log_p.exp().sum(-1)).clamp_min(tiny))
+    log_q_rest = torch.log((1 - log_q.exp().sum(-1)).clamp_min(tiny))
+    log_p = torch.cat([log_p, log_p_rest[:, None]], dim=-1)
+    log_q = torch.cat([log_q, log_q_rest[:, None]], dim=-1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="sum")
 
 
 class DistillationTerms(NamedTuple):
@@ -63,7 +96,15 @@ def distillation_terms(
     if top_k:
         k = teacher_logits.values.shape[-1]
         teacher = teacher_logits.values.detach().reshape(-1, k).float()
-        indices = teacher_logits.indices.reshape(-1, k)
+        indices = teacher_logits.indices.reshape(-1, k).long()
+        normalizer = teacher_logits.log_normalizer
+        if normalizer is not None:
+            if teacher_logits.temperature != temperature:
+                raise ValueError(
+                    f"the top-k teacher's normalizer is for temperature "
+                    f"{teacher_logits.temperature}, the loss uses {temperature}"
+                )
+            normalizer = normalizer.reshape(-1).float()
     else:
         teacher = teacher_logits.detach().reshape(-1, classes).float()
     if target is not None:
@@ -76,16 +117,18 @@ def distillation_terms(
         student, teacher, target = student[keep], teacher[keep], target[keep]
         if top_k:
             indices = indices[keep]
+            normalizer = normalizer[keep] if normalizer is not None else None
     hard_sum = None
     if hard and target is not None:
         hard_sum = F.cross_entropy(student, target, reduction="sum")
     soft_sum = None
     if soft:
         log_p_student = F.log_softmax(student / temperature, dim=-1)
-        if top_k:  # the teacher renormalised over its k classes, the student over all
-            log_p_student = log_p_student.gather(-1, indices.long())
-        log_p_teacher = F.log_softmax(teacher / temperature, dim=-1)
-        kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="sum")
+        if top_k:
+            kl = _top_k_kl(log_p_student, teacher, indices, normalizer, temperature)
+        else:
+            log_p_teacher = F.log_softmax(teacher / temperature, dim=-1)
+            kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="sum")
         soft_sum = temperature**2 * kl
     return DistillationTerms(hard_sum, soft_sum, student.shape[0])
 
@@ -119,9 +162,8 @@ def distillation_loss(
     the sum by the number of counted positions. ``target=None`` is the pure soft-target mode
     (every position counts and ``alpha`` is ignored: the loss is ``T^2 * KL``). The teacher
     never receives gradient. The ``T^2`` factor keeps the soft term's gradients on the scale of
-    the hard term's as T grows. A :class:`TopKLogits` teacher stands in for its full logits:
-    its distribution is renormalised over its ``k`` classes (with ``k`` = the number of
-    classes this is exactly the full loss).
+    the hard term's as T grows. A :class:`TopKLogits` teacher stands in for its full logits
+    (with ``k`` = the number of classes the loss is exactly the full one).
     """
     check_distillation_settings(temperature, alpha)
     if reduction not in REDUCTIONS:

@@ -68,8 +68,11 @@ def export(source: Path, output_dir: Path, quantization: str = "float32",
     The directory appears complete or not at all: it is written under a temporary name beside
     the target and renamed. Raises :class:`UsageError` for what the user can fix."""
     import torch
-    from ctranslate2.converters import OpenNMTPyConverter
 
+    try:
+        from ctranslate2.converters import OpenNMTPyConverter
+    except ImportError:
+        raise UsageError("CTranslate2 is not installed: pip install 'qdistill[onmt]'") from None
     if output_dir.exists() and not force:
         raise UsageError(f"{output_dir} exists; remove it or pass --force to replace it")
     clean = converter_input(load_onmt_checkpoint(source), source)

@@ -65,10 +65,10 @@ def add_options(parser) -> None:  # noqa: ANN001
         "-distill_topk",
         type=int,
         default=0,
-        help="Distil from the teacher's K largest logits per target token, computed the first "
-        "time a training example is seen and kept in memory (about 8*K bytes per target token), "
-        "so the teacher runs once per example instead of once per batch. An approximation: the "
-        "teacher is renormalised over its K classes. 0 (default): the full teacher, exactly.",
+        help="Distil from the teacher's K largest logits per target token (the other classes "
+        "merged into one), computed the first time a training example is seen and kept in "
+        "memory (about 8*K+4 bytes per target token), so the teacher runs once per example "
+        "instead of once per batch. An approximation. 0 (default): the full teacher, exactly.",
     )
 
 

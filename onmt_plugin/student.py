@@ -18,8 +18,8 @@ class DistillState:
 
     teacher: nn.Module
     settings: QuantDistillSettings
-    # --distill_topk: (corpus id, line) -> the teacher's top-k (values, int32 classes) per
-    # target token of that example.
+    # --distill_topk: (corpus id, line) -> the teacher's top-k logits, their classes (int32)
+    # and the log-normalizer of its full softmax, per target token of that example.
     top_k_cache: dict = field(default_factory=dict)
     top_k_hits: int = 0  # batches served from the cache
     top_k_misses: int = 0  # batches the teacher ran on
@@ -96,12 +96,16 @@ def teacher_targets(
         c is not None and len(c[0]) == n for c, n in zip(cached, counts)
     ):
         state.top_k_hits += 1
-        values = torch.cat([c[0] for c in cached]).to(keep.device)
-        return compressor.TopKLogits(values, torch.cat([c[1] for c in cached]).to(keep.device))
+        values, classes, normalizers = (
+            torch.cat([c[i] for c in cached]).to(keep.device) for i in range(3)
+        )
+        return compressor.TopKLogits(values, classes, normalizers, state.settings.temperature)
     state.top_k_misses += 1
-    top = compressor.TopKLogits.of(teacher_logits(state, batch, target_len, keep), k)
+    logits = teacher_logits(state, batch, target_len, keep)
+    top = compressor.TopKLogits.of(logits, k, temperature=state.settings.temperature)
     if len(names) == len(counts):
         values = top.values.float().cpu().split(counts)
         classes = top.indices.to(torch.int32).cpu().split(counts)
-        state.top_k_cache.update(zip(names, zip(values, classes)))
+        normalizers = top.log_normalizer.cpu().split(counts)
+        state.top_k_cache.update(zip(names, zip(values, classes, normalizers)))
     return top

@@ -46,7 +46,7 @@ def test_loss_matches_definition(t, alpha, reduction):
 
 
 @pytest.mark.parametrize(("t", "alpha"), [(1.0, 0.7), (2.0, 1.0)])
-def test_top_k_teacher_is_the_teacher_renormalised_over_its_k_classes(t, alpha):
+def test_top_k_teacher_renormalised_or_with_the_rest_merged(t, alpha):
     student, teacher, target = _logits(c=9, seed=3)
     full = distillation_loss(student, teacher, target, t, alpha, reduction="sum")
     every = compressor.TopKLogits.of(teacher, 9)
@@ -65,6 +65,23 @@ def test_top_k_teacher_is_the_teacher_renormalised_over_its_k_classes(t, alpha):
     ce = -torch.log_softmax(s, -1).gather(1, y[:, None]).sum()
     assert got.item() == pytest.approx(((1 - alpha) * ce + alpha * t * t * kl).item(), rel=1e-5)
     assert got.item() != pytest.approx(full.item(), rel=1e-3)
+    # With the normalizer, the other six classes are one merged class on both sides.
+    merged = compressor.TopKLogits.of(teacher, 3, temperature=t)
+    got = distillation_loss(student, merged, target, t, alpha, reduction="sum")
+    p_full, q_full = torch.softmax(teacher[keep].double() / t, -1), log_q.exp()
+    rest = torch.ones_like(p_full, dtype=torch.bool).scatter(1, top.indices[keep], False)
+    p_top, q_top = p_full.gather(1, top.indices[keep]), q_full.gather(1, top.indices[keep])
+    p_rest, q_rest = (p_full * rest).sum(1), (q_full * rest).sum(1)
+    kl = (p_top * (p_top / q_top).log()).sum() + (p_rest * (p_rest / q_rest).log()).sum()
+    assert got.item() == pytest.approx(((1 - alpha) * ce + alpha * t * t * kl).item(), rel=1e-5)
+    merged_every = compressor.TopKLogits.of(teacher, 9, temperature=t)
+    exact = distillation_loss(student.requires_grad_(), merged_every, target, t, alpha,
+                              reduction="sum")  # fmt: skip
+    exact.backward()
+    assert exact.item() == pytest.approx(full.item(), rel=1e-5)
+    assert torch.isfinite(student.grad).all()
+    with pytest.raises(ValueError, match="normalizer is for temperature"):
+        distillation_loss(student, merged, target, t + 1, alpha)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
