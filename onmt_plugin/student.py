@@ -65,7 +65,20 @@ def prepare_student(model, opt, vocabs, checkpoint, device_id, settings, build, 
         compressor.api.copy_into_(model, saved.get("quantizer_state") or {})
     device = next(model.parameters()).device
     model.__dict__["_qdistill"] = DistillState(teacher.to(device), settings)
+    _quantize_once_per_forward(model)
     return model
+
+
+def _quantize_once_per_forward(model: nn.Module) -> None:
+    """OpenNMT's input-feeding RNN decoder runs its LSTM cell once per target position, and
+    each run would quantize the cell's weights again: quantize each weight once per forward."""
+    forward = model.forward
+
+    def cached_forward(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        with compressor.cached():
+            return forward(*args, **kwargs)
+
+    model.forward = cached_forward
 
 
 @torch.no_grad()
