@@ -45,14 +45,10 @@ def distillation_loss_class(base: type) -> type:
             keep = target != self.padding_idx  # pad positions count in neither term
             teacher = teacher_targets(state, batch, end, keep)
             settings = state.settings
+            # Only the soft term (OpenNMT's own loss is the CE), on rows already selected: no
+            # target, so the vocabulary-wide logits are not masked and copied a second time.
             soft = distillation_loss(
-                student[keep],
-                teacher,
-                target[keep],
-                settings.temperature,
-                1.0,
-                ignore_index=self.padding_idx,
-                reduction="sum",
+                student[keep], teacher, None, settings.temperature, 1.0, reduction="sum"
             )
             return (1 - settings.alpha) * loss + settings.alpha * soft, stats
 
