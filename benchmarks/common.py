@@ -32,6 +32,27 @@ def timings(fn: Callable[[], object], repeats: int = 7, warmup: int = 1) -> dict
     }
 
 
+def interleaved_timings(
+    fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 1
+) -> dict[str, dict]:
+    """:func:`timings` of several functions, taken in turn within each repeat, so that this
+    machine's slow and fast spells fall on all of them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {
+        name: {"median_s": statistics.median(s), "min_s": min(s), "max_s": max(s),
+               "repeats": repeats}
+        for name, s in samples.items()
+    }  # fmt: skip
+
+
 def ratio(numerator: dict, denominator: dict) -> dict:
     """A timing ratio with its spread (min/max over max/min of the two series)."""
     return {

@@ -17,7 +17,12 @@ import torch
 from torch import nn
 
 from compressor.api import cached, materialize_
-from compressor.distillation import check_distillation_settings, combine_terms, distillation_terms
+from compressor.distillation import (
+    TopKLogits,
+    check_distillation_settings,
+    combine_terms,
+    distillation_terms,
+)
 
 Forward = Callable[[nn.Module, Any], torch.Tensor]
 # loss_fn(student_logits, teacher_logits or None, target) -> scalar loss to back-propagate
@@ -52,7 +57,7 @@ def freeze_(model: nn.Module) -> nn.Module:
 
 def distill_step(
     student: nn.Module,
-    teacher: nn.Module | None,
+    teacher: nn.Module | torch.Tensor | TopKLogits | None,
     inputs: Any,
     target: torch.Tensor | None,
     optimizer: torch.optim.Optimizer,
@@ -64,10 +69,11 @@ def distill_step(
     same batch, back-propagate the distillation loss to the shadow weights, update them.
 
     Returns the loss and its distillation term ``T^2 * KL`` (mean per counted position).
-    Without a teacher (``teacher=None``) this is plain quantization-aware training on the
-    labels. ``loss_fn(student_logits, teacher_logits, target)`` replaces the default loss
-    (:func:`distillation_loss` with ``config``; cross-entropy without a teacher), e.g. for a
-    summed, token-normalised loss.
+    ``teacher`` may also be the teacher's logits on this batch, computed ahead (once per data
+    set, say): then no teacher runs. Without a teacher (``teacher=None``) this is plain
+    quantization-aware training on the labels. ``loss_fn(student_logits, teacher_logits,
+    target)`` replaces the default loss (:func:`distillation_loss` with ``config``;
+    cross-entropy without a teacher), e.g. for a summed, token-normalised loss.
     """
     if teacher is None and target is None and loss_fn is None:
         raise ValueError("without a teacher, distill_step needs labels (target is None)")
@@ -77,9 +83,11 @@ def distill_step(
         student_logits = forward(student, inputs)
         teacher_logits = None
         soft = float("nan")
-        if teacher is not None:
+        if isinstance(teacher, nn.Module):
             with torch.no_grad():
                 teacher_logits = forward(teacher, inputs)
+        elif teacher is not None:
+            teacher_logits = teacher
         if loss_fn is not None:
             loss = loss_fn(student_logits, teacher_logits, target)
             if teacher_logits is not None:  # a custom loss does not expose its terms
@@ -126,15 +134,18 @@ def quantized_distillation(
 ) -> list[dict[str, float]]:
     """Run Algorithm 1 for ``steps`` steps over ``(inputs, target)`` batches (repeated as
     needed) and return the per-step history (``loss``, ``distillation``); ``on_step(step,
-    record)`` can log progress or save checkpoints. Call :func:`finish_` afterwards to quantize the
-    student once more and keep only the quantized weights."""
+    record)`` can log progress or save checkpoints. A batch ``(inputs, target,
+    teacher_logits)`` brings the teacher's logits with it, and the teacher does not run on it.
+    Call :func:`finish_` afterwards to quantize the student once more and keep only the
+    quantized weights."""
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     if teacher is not None:
         freeze_(teacher)
     history = []
-    for step, (inputs, target) in zip(range(steps), cycle(batches)):
-        record = distill_step(student, teacher, inputs, target, optimizer, config, forward, loss_fn)
+    for step, (inputs, target, *ahead) in zip(range(steps), cycle(batches)):
+        source = ahead[0] if ahead else teacher
+        record = distill_step(student, source, inputs, target, optimizer, config, forward, loss_fn)
         if scheduler is not None:
             scheduler.step()
         history.append(record)

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import compressor
+from compressor.packed import entropy_ans_available
 from recipes import small_runs as runs
 
 CONFIGURATIONS = (
@@ -155,9 +156,12 @@ def run(
         model = make()
         accuracy = runs.accuracy(model, data)
         model = copy.deepcopy(model).cpu()  # the cached teacher and students stay put
-        packed = (
-            compressor.save_packed(model, work / f"{name}.qd")
-            if compressor.quantization_specs(model)
+        quantized = bool(compressor.quantization_specs(model))
+        packed = compressor.save_packed(model, work / f"{name}.qd") if quantized else None
+        # The same weights with their codes entropy-coded (rANS), where constriction is there.
+        packed_ans = (
+            compressor.save_packed(model, work / f"{name}.ans.qd", entropy="ans")
+            if quantized and entropy_ans_available()
             else None
         )
         result = {
@@ -166,6 +170,7 @@ def run(
             "bits": bits,
             "accuracy": accuracy,
             "packed_bytes": packed,
+            "packed_bytes_ans": packed_ans,
             "fp32_bytes": _fp32_bytes(model, work / f"{name}.fp32.safetensors"),
             "train_s": time.perf_counter() - start,
             "config": asdict(cfg),

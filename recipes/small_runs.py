@@ -87,8 +87,11 @@ def tiny_cnn(width: int, depth: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def batches(data: dict, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless shuffled training batches with light augmentation (random horizontal flips)."""
+def batches(
+    data: dict, batch_size: int, seed: int, teacher_logits: torch.Tensor | None = None
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Endless shuffled training batches with light augmentation (random horizontal flips);
+    with a :func:`teacher_logit_table`, each batch also brings its images' teacher logits."""
     gen = torch.Generator().manual_seed(seed)
     x, y = data["train_x"], data["train_y"]
     while True:
@@ -98,7 +101,25 @@ def batches(data: dict, batch_size: int, seed: int) -> Iterator[tuple[torch.Tens
             images = x[idx]
             flip = (torch.rand(len(idx), generator=gen) < 0.5).to(images.device)
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-            yield images, y[idx]
+            if teacher_logits is None:
+                yield images, y[idx]
+            else:
+                yield images, y[idx], teacher_logits[idx.to(flip.device), flip.long()]
+
+
+@torch.no_grad()
+def teacher_logit_table(teacher: nn.Module, data: dict, chunk: int = 256) -> torch.Tensor:
+    """The frozen teacher's logits on every training image as is and mirrored, ``[N, 2,
+    classes]``: the only two views :func:`batches` makes, so distilling from the table is
+    distilling from the teacher, which then runs once per image and view instead of once per
+    step (4 MB for CIFAR-10; half the teacher forwards of a 3,000-step run of 64 images)."""
+    teacher.eval()
+    x = data["train_x"]
+    views = []
+    for start in range(0, len(x), chunk):
+        images = x[start : start + chunk]
+        views.append(torch.stack([teacher(images), teacher(images.flip(-1))], dim=1))
+    return torch.cat(views)
 
 
 def progress(iterator: Iterator, steps: int, desc: str) -> Iterator:
@@ -125,10 +146,11 @@ def _optimizer(model: nn.Module, cfg: SmallRunConfig, steps: int):  # noqa: ANN2
 
 def _train(model, teacher, data, cfg, steps, alpha, desc):  # noqa: ANN001, ANN202
     opt, sched = _optimizer(model, cfg, steps)
+    table = None if teacher is None else teacher_logit_table(compressor.freeze_(teacher), data)
     return quantized_distillation(
         model,
-        teacher,
-        progress(batches(data, cfg.batch_size, cfg.seed), steps, desc),
+        None,
+        progress(batches(data, cfg.batch_size, cfg.seed, table), steps, desc),
         opt,
         steps,
         DistillConfig(cfg.temperature, alpha),
@@ -187,12 +209,12 @@ def run_differentiable_quantization(
     points = allocate_bits(model, batches(data, cfg.batch_size, cfg.seed), _cross_entropy, bits)
     config = compressor.QuantConfig(bits=bits, method="differentiable", num_points=points)
     compressor.quantize_(model, config).to(cfg.device)
+    table = teacher_logit_table(compressor.freeze_(teacher), data)
     differentiable_quantization(
         model,
-        progress(batches(data, cfg.batch_size, cfg.seed + 2), cfg.steps, f"DQ {bits}-bit"),
+        progress(batches(data, cfg.batch_size, cfg.seed + 2, table), cfg.steps, f"DQ {bits}-bit"),
         cfg.steps,
         teacher=teacher,
-        lr=1e-3,
         temperature=cfg.temperature,
         alpha=cfg.alpha,
     )

@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from compressor import load_packed
 from recipes.experiments import RecipeError, list_recipes, load_recipe, run_recipe
 
 QDISTILL = Path(sys.executable).parent / "qdistill"
@@ -40,6 +42,12 @@ def test_cifar10_smoke_writes_every_configuration_and_resumes(cifar10_dir, tmp_p
     for name in ("pm_2", "qd_4", "dq_2", "qkd_w4a4"):
         assert 0 < rows[name]["packed_bytes"] < rows[name]["fp32_bytes"], name
         assert (tmp_path / "work" / f"{name}.qd").stat().st_size == rows[name]["packed_bytes"]
+        ans = tmp_path / "work" / f"{name}.ans.qd"  # the same weights, entropy-coded
+        assert ans.stat().st_size == rows[name]["packed_bytes_ans"]
+        plain, _ = load_packed(tmp_path / "work" / f"{name}.qd")
+        coded, _ = load_packed(ans)
+        assert plain.keys() == coded.keys()
+        assert all(torch.equal(plain[k], coded[k]) for k in plain), name
     pm_bytes = [rows[f"pm_{bits}"]["packed_bytes"] for bits in (2, 4, 8)]
     assert pm_bytes == sorted(pm_bytes) and len(set(pm_bytes)) == 3
     saved = json.loads((tmp_path / "result.json").read_text())

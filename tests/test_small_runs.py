@@ -8,6 +8,7 @@ from conftest import data_path
 
 import compressor
 import compressor.activations
+from compressor.training import DistillConfig, quantized_distillation
 from recipes import small_runs
 
 CONFIG = small_runs.SmallRunConfig(train_images=3000, test_images=1000, steps=200)
@@ -54,6 +55,35 @@ def test_quantized_distillation_4bit(trained):
     assert small_runs.accuracy(model, data) > 3 * CHANCE
     _on_grid(model)
     assert all(s.bits == 4 for s in compressor.quantization_specs(model).values())
+
+
+def test_teacher_logit_table_stands_in_for_the_teacher(trained):
+    """Distilling from the table (the teacher run once per image and view) takes the same
+    steps as running the teacher on every batch, which then never runs."""
+    data, teacher, _ = trained
+    table = small_runs.teacher_logit_table(teacher, data)
+    assert table.shape == (CONFIG.train_images, 2, 10)
+    with torch.no_grad():
+        images = data["train_x"][100:164]
+        torch.testing.assert_close(table[100:164, 0], teacher(images))
+        torch.testing.assert_close(table[100:164, 1], teacher(images.flip(-1)))
+    calls = []
+    hook = teacher.register_forward_hook(lambda *_: calls.append(1))
+    histories = []
+    try:
+        for source, logits in ((teacher, None), (None, table)):
+            calls.clear()
+            student = compressor.quantize_(small_runs.student(CONFIG), compressor.QuantConfig())
+            optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
+            batches = small_runs.batches(data, CONFIG.batch_size, CONFIG.seed, logits)
+            histories.append(
+                quantized_distillation(student, source, batches, optimizer, 20, DistillConfig(2.0))
+            )
+            assert len(calls) == (20 if source is teacher else 0)
+    finally:
+        hook.remove()
+    with_teacher, with_table = ([r["loss"] for r in h] for h in histories)
+    assert with_table == pytest.approx(with_teacher, rel=1e-3)
 
 
 def test_differentiable_quantization_with_bit_allocation(trained):

@@ -71,6 +71,24 @@ def test_distils_a_4bit_student_and_packs_it(cifar10_dir, teacher_checkpoint, tm
             assert bucket.unique().numel() <= 16
 
 
+def test_learned_points_keep_their_own_small_learning_rate(
+    cifar10_dir, teacher_checkpoint, tmp_path
+):
+    """--quant-method differentiable at the weights' --lr 0.1: the points learn at --points-lr,
+    so none of them run into an end of [0, 1] and merge with a neighbour."""
+    out = tmp_path / "run"
+    args = _args(cifar10_dir, out, teacher_checkpoint, "--epochs", "1", "--quant-bits", "2",
+                 "--quant-method", "differentiable", "--lr", "0.1")  # fmt: skip
+    assert run(args) == 0
+    from compressor.packed import packed_specs
+
+    specs = packed_specs(out / "student.qd")
+    assert specs and all(spec.method == "nonuniform" for spec in specs.values())
+    for name, spec in specs.items():
+        gaps = [b - a for a, b in zip(spec.points, spec.points[1:])]
+        assert len(spec.points) == 4 and min(gaps) > 0.05, (name, spec.points)
+
+
 def test_ddp_on_two_cpu_processes_matches_one_process(cifar10_dir, teacher_checkpoint, tmp_path):
     single, double = tmp_path / "one", tmp_path / "two"
     common = _args(cifar10_dir, single, teacher_checkpoint, "--epochs", "1")

@@ -317,7 +317,14 @@ def main(args: argparse.Namespace) -> dict:
         model = nn.parallel.DistributedDataParallel(student)
         if teacher is not None and args.qkd_co_epochs:
             teacher = nn.parallel.DistributedDataParallel(teacher)
-    params = [p for p in model.parameters() if p.requires_grad]
+    # A learned point's gradient sums over every weight it stands for, so it grows with the
+    # tensor: at the weights' learning rate the points run into one end of [0, 1] and merge.
+    points = compressor.point_parameters(student)
+    learned = {id(p) for p in points}
+    params = [{"params": [p for p in model.parameters()
+                          if p.requires_grad and id(p) not in learned]}]  # fmt: skip
+    if points:
+        params.append({"params": points, "lr": args.points_lr, "weight_decay": 0.0})
     if args.opt == "sgd":
         optimizer = torch.optim.SGD(
             params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
@@ -470,6 +477,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--quant-bucket-size", default=256, type=int)
     parser.add_argument(
         "--quant-method", default="uniform", choices=("uniform", "nonuniform", "differentiable")
+    )
+    parser.add_argument(
+        "--points-lr",
+        default=1e-5,
+        type=float,
+        help="learning rate of the learned points of --quant-method differentiable",
     )
     parser.add_argument("--keep-first-last", action="store_true")
     parser.add_argument("--act-bits", default=None, type=int)
