@@ -170,28 +170,27 @@ def _training_cost_section(lines: list[str]) -> None:
         "the same student without a teacher, same batches, median and min-max of "
         f"{cost['config']['repeats']}+ repeats (goal {cost['goal']}):\n"
     )
+
+    def against_goal(ratio: dict, what: str) -> str:
+        return f"- {what}: {_spread(ratio)} - {'met' if ratio['median'] <= 1.3 else 'MISSED'}"
+
     for part in ("vision", "translation"):
         if part in cost:
             r = cost[part]
-            met = "met" if r["ratio"]["median"] <= 1.3 else "MISSED"
-            lines.append(f"- {part}: {_spread(r['ratio'])} - {met}; {r['setup']}")
+            lines.append(f"{against_goal(r['ratio'], part)}; {r['setup']}")
             if "ratio_teacher_table" in r:
-                table = r["ratio_teacher_table"]
-                met = "met" if table["median"] <= 1.3 else "MISSED"
                 lines.append(
-                    f"- {part} distilling from the teacher's logits computed once per image "
-                    f"and view (`recipes.small_runs.teacher_logit_table`, exact, what the "
-                    f"CIFAR-10 recipe does): {_spread(table)} - {met}; "
-                    f"{r['ratio_teacher_table_with_its_cost']:.2f}x with the table's one-time "
-                    f"cost spread over a whole recipe run"
-                )
+                    against_goal(r["ratio_teacher_table"], f"{part} distilling from the "
+                                 "teacher's logits computed once per image and view "
+                                 "(`recipes.small_runs.teacher_logit_table`, exact, what the "
+                                 "CIFAR-10 recipe does)")
+                    + f"; {r['ratio_teacher_table_with_its_cost']:.2f}x with the table's "
+                    "one-time cost spread over a whole recipe run"
+                )  # fmt: skip
             if "ratio_top_k_cached" in r:
-                cached = r["ratio_top_k_cached"]
-                met = "met" if cached["median"] <= 1.3 else "MISSED"
-                lines.append(
-                    f"- {part} with `-distill_topk {r['top_k']}` once its cache is warm (from "
-                    f"the second epoch on): {_spread(cached)} - {met}"
-                )
+                lines.append(against_goal(r["ratio_top_k_cached"], f"{part} with `-distill_topk "
+                             f"{r['top_k']}` once its cache is warm (from the second epoch "
+                             "on)"))  # fmt: skip
     topk = _load(RESULTS / "topk.json")
     if topk:
         rows = {r["name"]: r for r in topk["rows"]}
