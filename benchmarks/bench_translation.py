@@ -5,9 +5,10 @@ teacher, 1-layer students by quantized distillation and differentiable quantizat
 full-precision student, PM teachers) in ``benchmarks/work/recipes/multi30k``, where every
 trained model and the evaluation are cached, so a stopped run resumes; then copies the result
 to ``benchmarks/results/translation.json``, which later runs reuse while the recipe's
-parameters stay the same.
+parameters stay the same. The ``long`` experiment (``benchmarks/configs/multi30k-long.yaml``)
+trains the 4-bit student 2.5x longer, into ``results/translation_long.json``.
 
-    python -m benchmarks.bench_translation [--scale cpu] [--rerun]
+    python -m benchmarks.bench_translation [--scale cpu] [--experiment main|long|all] [--rerun]
 """
 
 from __future__ import annotations
@@ -22,32 +23,49 @@ from benchmarks.common import RESULTS, load_result
 from recipes.experiments import load_recipe, run_recipe
 
 HERE = Path(__file__).resolve().parent
-WORK = HERE / "work" / "recipes" / "multi30k"
+WORK = HERE / "work" / "recipes"
+# experiment -> (recipe name or file, result name, plot copied next to the report or None)
+EXPERIMENTS = {
+    "main": ("multi30k", "translation", "multi30k_bleu_vs_size.png"),
+    "long": (str(HERE / "configs" / "multi30k-long.yaml"), "translation_long", None),
+}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run_experiment(experiment: str, scale: str = "cpu", rerun: bool = False) -> dict:
+    """One experiment's result: cached while its recipe's parameters stay the same."""
+    source, result_name, plot = EXPERIMENTS[experiment]
+    recipe = load_recipe(source)
+    cached = load_result(result_name)
+    if (
+        not rerun
+        and cached is not None
+        and cached["scale"] == scale
+        and {k: v for k, v in cached["parameters"].items() if k != "name"}
+        == recipe.parameters(scale)
+    ):
+        print(f"{recipe.name} {scale}: cached in {RESULTS / f'{result_name}.json'}", flush=True)
+        return cached
+    work = WORK / recipe.name
+    result = run_recipe(recipe, scale, work)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS / f".{result_name}.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, RESULTS / f"{result_name}.json")
+    if plot:
+        shutil.copyfile(work / "work" / "bleu_vs_size.png", HERE / plot)
+    return result
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", default="cpu", choices=("cpu", "paper"))
+    parser.add_argument("--experiment", default="all", choices=(*EXPERIMENTS, "all"))
     parser.add_argument("--rerun", action="store_true", help="ignore the cached result")
     args = parser.parse_args(argv)
-    recipe = load_recipe("multi30k")
-    cached = load_result("translation")
-    if (
-        not args.rerun
-        and cached is not None
-        and cached["scale"] == args.scale
-        and {k: v for k, v in cached["parameters"].items() if k != "name"}
-        == recipe.parameters(args.scale)
-    ):
-        print(f"multi30k {args.scale}: cached in {RESULTS / 'translation.json'}", flush=True)
-        return cached
-    result = run_recipe(recipe, args.scale, WORK)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS / ".translation.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, RESULTS / "translation.json")
-    shutil.copyfile(WORK / "work" / "bleu_vs_size.png", HERE / "multi30k_bleu_vs_size.png")
-    return result
+    chosen = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
+    if args.scale != "cpu":  # the long experiment exists at the cpu scale only
+        chosen = [e for e in chosen if e == "main"]
+    return [run_experiment(e, args.scale, args.rerun) for e in chosen]
 
 
 if __name__ == "__main__":

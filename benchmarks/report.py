@@ -105,15 +105,8 @@ def _translation_section(lines: list[str]) -> None:
         f"{env['processor']}, {env['cpu_count']} cores, OpenNMT-py {env.get('OpenNMT-py')}. "
         "Tokens/s include `onmt_translate` start-up (a lower bound).\n"
     )
-    lines.append("| model | bytes | vs teacher | BLEU | chrF | ppl/word | tokens/s | agreement |")
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
     rows = result["rows"]
-    for r in rows:
-        lines.append(
-            f"| {r['name']} | {r['bytes']:,} | {r['compression']:.2f}x | {r['bleu']:.2f} | "
-            f"{r['chrf']:.2f} | {r['ppl_word']:.2f} | {r['tokens_per_s']:.0f} | "
-            f"{r['agreement_bleu']:.1f} |"
-        )
+    lines.extend(_translation_table(rows))
     by_name = {r["name"]: r for r in rows}
     lines.append("")
     lines.append(f"BLEU signature: `{rows[0]['extra'].get('bleu_signature', '')}`\n")
@@ -127,8 +120,51 @@ def _translation_section(lines: list[str]) -> None:
                 ratio = by_name["student_fp32"]["bytes"] / r["bytes"]
                 lines.append(_goal(f"{name}: packed file smaller than the fp32 student's file, "
                                    "times", ratio, ">= 7.3", ratio >= 7.3))  # fmt: skip
+                if r.get("bytes_ans"):
+                    ratio = by_name["student_fp32"]["bytes"] / r["bytes_ans"]
+                    lines.append(_goal(f"{name}: the same with its codes entropy-coded "
+                                       "(`--entropy ans`), times", ratio, ">= 7.3",
+                                       ratio >= 7.3))  # fmt: skip
+    _translation_long(lines, p["student_steps"])
     lines.append("")
     lines.append("![BLEU against file size](multi30k_bleu_vs_size.png)\n")
+
+
+def _translation_table(rows: list[dict]) -> list[str]:
+    ans = any(r.get("bytes_ans") for r in rows)
+    head = "| model | bytes | vs teacher | BLEU | chrF | ppl/word | tokens/s | agreement |"
+    out = [head + (" ans bytes |" if ans else ""), "|---|" + "---:|" * (7 + ans)]
+    for r in rows:
+        line = (
+            f"| {r['name']} | {r['bytes']:,} | {r['compression']:.2f}x | {r['bleu']:.2f} | "
+            f"{r['chrf']:.2f} | {r['ppl_word']:.2f} | {r['tokens_per_s']:.0f} | "
+            f"{r['agreement_bleu']:.1f} |"
+        )
+        if ans:
+            line += f" {r['bytes_ans']:,} |" if r.get("bytes_ans") else " - |"
+        out.append(line)
+    return out
+
+
+def _translation_long(lines: list[str], main_steps: int) -> None:
+    """The 4-bit student trained longer (``bench_translation --experiment long``)."""
+    result = _load(RESULTS / "translation_long.json")
+    if not result:
+        return
+    p = result["parameters"]
+    lines.append("")
+    lines.append(
+        f"**Longer training** (`python -m benchmarks.bench_translation --experiment long`): "
+        f"the same teacher recipe, the 4-bit student trained for {p['student_steps']} steps "
+        f"instead of {main_steps}:\n"
+    )
+    lines.extend(_translation_table(result["rows"]))
+    by_name = {r["name"]: r for r in result["rows"]}
+    if {"teacher", "student_qd4"} <= by_name.keys():
+        gap = by_name["teacher"]["bleu"] - by_name["student_qd4"]["bleu"]
+        lines.append("")
+        lines.append(_goal(f"4-bit student after {p['student_steps']} steps below its teacher, "
+                           "BLEU", gap, "<= 1.0", gap <= 1.0))  # fmt: skip
 
 
 def _cifar_plot(rows: list[dict]) -> None:

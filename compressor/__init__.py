@@ -23,6 +23,7 @@ from compressor.bit_allocation import (  # noqa: E402
     effective_bits,
     share_points,
     weight_importance,
+    weight_sizes,
 )
 from compressor.checkpoints import (  # noqa: E402
     CheckpointError,
@@ -148,4 +149,5 @@ __all__ = [
     "size_report",
     "uniform_points",
     "weight_importance",
+    "weight_sizes",
 ]

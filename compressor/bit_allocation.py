@@ -1,9 +1,12 @@
 """Bit allocation (Polino et al. 2018): more quantization points where the loss is sensitive.
 
-A tensor's importance is the norm of its mean gradient over a few batches. Every tensor keeps
-at least half of its ``2**bits`` points; the rest of a fixed total budget of points is shared
-in proportion to importance. Point counts need not be powers of two, so a tensor's effective
-bit width ``log2(points)`` can be fractional.
+A tensor's importance is the norm of its mean gradient over a few batches. The budget is what
+the codes cost on disk: ``bits`` per quantized weight, summed over the tensors. Every tensor
+keeps at least ``bits - 1`` bits; the rest of the budget goes one bit (a doubling of the
+points) at a time to the tensor whose points fall furthest short of a share proportional to
+its importance, among those whose extra bit still fits. Point counts are powers of two, so no
+code bit is paid for and left unused, and a "4-bit" allocation packs to no more than 4 bits a
+weight.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -25,6 +27,27 @@ def _full_name(module_name: str, tensor_name: str) -> str:
     return f"{module_name}.{tensor_name}" if module_name else tensor_name
 
 
+def _selected_weights(
+    model: nn.Module, config: QuantConfig
+) -> dict[int, tuple[str, nn.Module, str]]:
+    """The weights ``config`` would quantize, each once (tied weights share an id)."""
+    selected: dict[int, tuple[str, nn.Module, str]] = {}
+    for module_name, module in _select_modules(model, config):
+        for tensor_name in quantizable_weights(module):
+            selected.setdefault(
+                id(getattr(module, tensor_name)), (module_name, module, tensor_name)
+            )
+    return selected
+
+
+def weight_sizes(model: nn.Module, config: QuantConfig = QuantConfig()) -> dict[str, int]:
+    """Number of elements of each weight ``config`` would quantize."""
+    return {
+        _full_name(module_name, tensor_name): getattr(module, tensor_name).numel()
+        for module_name, module, tensor_name in _selected_weights(model, config).values()
+    }
+
+
 def weight_importance(
     model: nn.Module,
     batches: Iterable[tuple[Any, torch.Tensor]],
@@ -34,12 +57,7 @@ def weight_importance(
 ) -> dict[str, float]:
     """Norm of the mean gradient of each weight ``config`` would quantize, over
     ``num_batches`` batches; ``loss_fn(model, inputs, target)`` returns a scalar loss."""
-    selected = {}
-    for module_name, module in _select_modules(model, config):
-        for tensor_name in quantizable_weights(module):
-            selected.setdefault(
-                id(getattr(module, tensor_name)), (module_name, module, tensor_name)
-            )
+    selected = _selected_weights(model, config)
     sums: dict[int, torch.Tensor] = {}
     seen = 0
     for inputs, target in batches:
@@ -64,48 +82,45 @@ def weight_importance(
 
 
 def share_points(
-    importance: dict[str, float], bits: int, total_points: int | None = None
+    importance: dict[str, float],
+    sizes: dict[str, int],
+    bits: int,
+    total_bits: int | None = None,
 ) -> dict[str, int]:
-    """Split ``total_points`` (default: ``2**bits`` per tensor) between tensors: each gets
-    ``2**(bits-1)``, the remainder goes in proportion to importance (largest remainders,
-    at most ``2**MAX_BITS`` points a tensor). The counts add up to the budget exactly."""
+    """Point counts (powers of two) whose codes take at most ``total_bits`` (default:
+    ``bits`` per weight of ``sizes``); see the module docstring for the rule."""
     if not importance:
         raise ValueError("bit allocation needs at least one tensor to quantize (empty budget)")
+    if set(sizes) != set(importance):
+        raise ValueError(
+            f"sizes and importance name different tensors: {sorted(set(sizes) ^ set(importance))}"
+        )
     if not 1 <= bits <= MAX_BITS:
         raise ValueError(f"bits must be from 1 to {MAX_BITS}, got {bits}")
     names = sorted(importance)
-    floor = max(1, 2 ** (bits - 1))
-    cap = 2**MAX_BITS
-    budget = len(names) * 2**bits if total_points is None else total_points
-    if budget < floor * len(names):
+    floor = max(1, bits - 1)
+    budget = bits * sum(sizes.values()) if total_bits is None else total_bits
+    spent = floor * sum(sizes.values())
+    if budget < spent:
         raise ValueError(
-            f"a budget of {budget} points is below the minimum of {floor} for each of "
-            f"{len(names)} tensors"
+            f"a budget of {budget} bits is below the minimum of {floor} a weight "
+            f"({spent} bits for {sum(sizes.values())} weights)"
         )
-    if budget > cap * len(names):
-        raise ValueError(f"a budget of {budget} points exceeds {cap} for each of {len(names)}")
-    counts = np.full(len(names), floor, dtype=np.int64)
-    weights = np.array([max(importance[n], 0.0) for n in names], dtype=np.float64)
-    remaining = budget - counts.sum()
-    while remaining > 0:
-        open_ = counts < cap
-        w = np.where(open_, weights, 0.0)
-        if w.sum() == 0:
-            w = open_.astype(np.float64)
-        share = w / w.sum() * remaining
-        extra = np.minimum(np.floor(share).astype(np.int64), cap - counts)
-        counts += extra
-        left = remaining - int(extra.sum())
-        if left > 0 and int(extra.sum()) == 0:  # hand out the last points by largest remainder
-            order = np.argsort(-(share - np.floor(share)), kind="stable")
-            for i in order:
-                if left == 0:
-                    break
-                if counts[i] < cap:
-                    counts[i] += 1
-                    left -= 1
-        remaining = budget - int(counts.sum())
-    return {n: int(c) for n, c in zip(names, counts)}
+    if budget > MAX_BITS * sum(sizes.values()):
+        raise ValueError(f"a budget of {budget} bits exceeds {MAX_BITS} a weight")
+    weights = {n: max(float(importance[n]), 0.0) for n in names}
+    if not any(weights.values()):  # no signal: spread the bits evenly
+        weights = dict.fromkeys(names, 1.0)
+    width = dict.fromkeys(names, floor)
+    while True:
+        fits = [n for n in names if width[n] < MAX_BITS and spent + sizes[n] <= budget]
+        if not fits:
+            break
+        # Furthest below a share proportional to importance; ties go to the smaller tensor.
+        best = max(fits, key=lambda n: (weights[n] / 2 ** width[n], -sizes[n]))
+        width[best] += 1
+        spent += sizes[best]
+    return {n: 2 ** width[n] for n in names}
 
 
 def allocate_bits(
@@ -114,15 +129,15 @@ def allocate_bits(
     loss_fn: Callable[[nn.Module, Any, torch.Tensor], torch.Tensor],
     bits: int,
     config: QuantConfig = QuantConfig(),
-    total_points: int | None = None,
+    total_bits: int | None = None,
     num_batches: int = 4,
 ) -> dict[str, int]:
     """Per-tensor point counts for ``QuantConfig(method="nonuniform"|"differentiable",
     num_points=...)``, from the paper's heuristic (see module docstring)."""
     importance = weight_importance(model, batches, loss_fn, config, num_batches)
-    return share_points(importance, bits, total_points)
+    return share_points(importance, weight_sizes(model, config), bits, total_bits)
 
 
 def effective_bits(num_points: dict[str, int]) -> dict[str, float]:
-    """``log2`` of each tensor's point count: its fractional bit width."""
+    """``log2`` of each tensor's point count: its bit width."""
     return {name: math.log2(count) for name, count in num_points.items()}

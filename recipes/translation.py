@@ -27,6 +27,8 @@ from pathlib import Path
 
 import yaml
 
+from compressor.packed import entropy_ans_available
+
 BIN = Path(sys.executable).parent
 SPLITS = ("train", "valid", "test")
 _PROGRESS = re.compile(r"Step \d+/|Validation (perplexity|accuracy)|error|Error")
@@ -318,6 +320,7 @@ def run(corpus: Corpus, scale: TranslationScale, work_dir: str | os.PathLike) ->
         )  # fmt: skip
 
     models: dict[str, Path] = {"teacher": teacher}
+    entropy_coded: dict[str, Path] = {}
     student_config = {**config, "layers": scale.student_layers}
     from_teacher = ["-train_from", str(student_init), "-reset_optim", "all"]
     if scale.fp32_student:
@@ -343,18 +346,14 @@ def run(corpus: Corpus, scale: TranslationScale, work_dir: str | os.PathLike) ->
             "-distill_temperature", str(scale.distill_temperature), *from_teacher,
         ]  # fmt: skip
         ckpt = train(student_config, work, name, scale.student_steps, scale.threads, distill)
-        packed = work / f"{name}.qd"
-        if not packed.exists():
-            _qdistill("pack", ckpt, "-o", packed)
-        models[name] = packed
+        models[name] = _pack(ckpt, work / f"{name}.qd", entropy_coded)
 
     print(f"[6/{steps}] post-training quantization of the teacher (PM)", flush=True)
     for bits in scale.pm_bits:
-        pm, packed = work / f"teacher_pm{bits}.pt", work / f"teacher_pm{bits}.qd"
-        if not packed.exists():
+        pm = work / f"teacher_pm{bits}.pt"
+        if not pm.exists():
             _qdistill("onmt-quantize", teacher, "--bits", bits, "-o", pm)
-            _qdistill("pack", pm, "-o", packed)
-        models[f"teacher_pm{bits}"] = packed
+        models[f"teacher_pm{bits}"] = _pack(pm, work / f"teacher_pm{bits}.qd", entropy_coded)
 
     print(f"[7/{steps}] onmt-eval on {counts['test.src']:,} test sentences", flush=True)
     result_json = work / "eval.json"
@@ -367,12 +366,28 @@ def run(corpus: Corpus, scale: TranslationScale, work_dir: str | os.PathLike) ->
             "--baseline", "teacher", "--teacher", "teacher", "--json", result_json,
         )  # fmt: skip
     rows = json.loads(result_json.read_text())
+    for row in rows:  # the same weights with their codes entropy-coded, where it could be done
+        if row["name"] in entropy_coded:
+            row["bytes_ans"] = entropy_coded[row["name"]].stat().st_size
 
     print(f"[8/{steps}] report", flush=True)
     result = {"scale": asdict(scale), "corpus": str(corpus.directory), "counts": counts}
     result["rows"] = rows
     write_report(result, work)
     return result
+
+
+def _pack(checkpoint: Path, packed: Path, entropy_coded: dict[str, Path]) -> Path:
+    """Pack a quantized checkpoint (once) and, where rANS is available, also with its codes
+    entropy-coded, recorded in ``entropy_coded`` under the model's name."""
+    if not packed.exists():
+        _qdistill("pack", checkpoint, "-o", packed)
+    if entropy_ans_available():
+        coded = packed.with_suffix(".ans.qd")
+        if not coded.exists():
+            _qdistill("pack", checkpoint, "-o", coded, "--entropy", "ans")
+        entropy_coded[packed.stem] = coded
+    return packed
 
 
 def write_report(result: dict, work: Path) -> None:
@@ -436,6 +451,13 @@ def write_report(result: dict, work: Path) -> None:
         "(differentiable) points; teacher_pm*: packed post-training quantized teacher. "
         "ppl/word: perplexity of the references per word (whitespace-separated, plus one end of "
         "sentence per line). Agreement: BLEU of a model's output against the teacher's output.",
+        "",
+        *(
+            f"{row['name']} with its codes entropy-coded (`qdistill pack --entropy ans`, the "
+            f"same weights): {row['bytes_ans']:,} bytes"
+            for row in rows
+            if row.get("bytes_ans")
+        ),
         "",
         f"BLEU signature: `{signature}`",
         "",

@@ -77,6 +77,14 @@ def test_translation_recipe_smoke(name, data, tmp_path):
     assert set(rows) == {"teacher", "student_qd4", "teacher_pm4"}
     assert rows["student_qd4"]["bytes"] == (tmp_path / "work" / "student_qd4.qd").stat().st_size
     assert rows["teacher_pm4"]["bytes"] < rows["teacher"]["bytes"]
+    for packed in ("student_qd4", "teacher_pm4"):  # also entropy-coded: the same weights
+        ans = tmp_path / "work" / f"{packed}.ans.qd"
+        assert rows[packed]["bytes_ans"] == ans.stat().st_size
+        plain, _ = load_packed(tmp_path / "work" / f"{packed}.qd")
+        coded, _ = load_packed(ans)
+        assert plain.keys() == coded.keys()
+        assert all(torch.equal(plain[k], coded[k]) for k in plain), packed
+    assert "teacher" in rows and "bytes_ans" not in rows["teacher"]
     assert all(r["bleu"] is not None and r["ppl_word"] > 1 for r in rows.values())
     assert all(r["agreement_bleu"] is not None and r["compression"] for r in rows.values())
     assert (tmp_path / "work" / "report.md").exists()
@@ -100,3 +108,13 @@ def test_recipe_errors(tmp_path):
                      "--data-path", str(tmp_path))  # fmt: skip
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "data folder" in done.stderr and "not found" in done.stderr
+
+
+def test_long_student_experiment_keeps_the_multi30k_teacher():
+    from benchmarks.bench_translation import EXPERIMENTS
+
+    main = load_recipe("multi30k").parameters("cpu")
+    long = load_recipe(EXPERIMENTS["long"][0]).parameters("cpu")
+    same = ("vocab_size", "hidden_size", "teacher_steps", "batch_tokens", "threads")
+    assert {k: long[k] for k in same} == {k: main[k] for k in same}
+    assert long["student_steps"] > main["student_steps"] and long["bits"] == [4]
