@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from benchmarks import (
+    bench_bucket,
     bench_cifar,
     bench_inference,
     bench_packed,
@@ -18,6 +19,7 @@ def main() -> None:
     bench_quantizer.main([])
     bench_packed.main([])
     bench_cifar.main([])
+    bench_bucket.main([])
     bench_translation.main([])
     bench_training_cost.main([])
     bench_topk.main([])

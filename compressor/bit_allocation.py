@@ -7,6 +7,10 @@ points) at a time to the tensor whose points fall furthest short of a share prop
 its importance, among those whose extra bit still fits. Point counts are powers of two, so no
 code bit is paid for and left unused, and a "4-bit" allocation packs to no more than 4 bits a
 weight.
+
+The paper's own rule shares a budget of points instead (``unit="points"``): every tensor keeps
+half of its ``2**bits`` points and the rest goes in proportion to importance, so counts need
+not be powers of two and the codes of a "4-bit" allocation can take 5 bits a weight.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -81,14 +86,24 @@ def weight_importance(
     }
 
 
+UNITS = ("bits", "points")
+
+
 def share_points(
     importance: dict[str, float],
     sizes: dict[str, int],
     bits: int,
-    total_bits: int | None = None,
+    budget: int | None = None,
+    unit: str = "bits",
 ) -> dict[str, int]:
-    """Point counts (powers of two) whose codes take at most ``total_bits`` (default:
-    ``bits`` per weight of ``sizes``); see the module docstring for the rule."""
+    """Point counts for each tensor of ``importance`` (``sizes``: its number of weights).
+
+    ``unit="bits"``: powers of two whose codes take at most ``budget`` bits (default: ``bits``
+    per weight); see the module docstring. ``unit="points"``: the paper's rule, ``budget``
+    points in all (default: ``2**bits`` per tensor), each tensor keeping ``2**(bits-1)`` and
+    the rest shared in proportion to importance; the counts add up to the budget exactly but
+    need not be powers of two, and a count just above one pays a whole extra code bit.
+    """
     if not importance:
         raise ValueError("bit allocation needs at least one tensor to quantize (empty budget)")
     if set(sizes) != set(importance):
@@ -97,20 +112,32 @@ def share_points(
         )
     if not 1 <= bits <= MAX_BITS:
         raise ValueError(f"bits must be from 1 to {MAX_BITS}, got {bits}")
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
     names = sorted(importance)
+    weights = {n: max(float(importance[n]), 0.0) for n in names}
+    if not any(weights.values()):  # no signal: spread the budget evenly
+        weights = dict.fromkeys(names, 1.0)
+    if unit == "points":
+        return _share_points_by_count(names, weights, bits, budget)
+    return _share_code_bits(names, weights, sizes, bits, budget)
+
+
+def _share_code_bits(
+    names: list[str], weights: dict[str, float], sizes: dict[str, int], bits: int,
+    budget: int | None,
+) -> dict[str, int]:  # fmt: skip
     floor = max(1, bits - 1)
-    budget = bits * sum(sizes.values()) if total_bits is None else total_bits
-    spent = floor * sum(sizes.values())
+    total = sum(sizes.values())
+    budget = bits * total if budget is None else budget
+    spent = floor * total
     if budget < spent:
         raise ValueError(
             f"a budget of {budget} bits is below the minimum of {floor} a weight "
-            f"({spent} bits for {sum(sizes.values())} weights)"
+            f"({spent} bits for {total} weights)"
         )
-    if budget > MAX_BITS * sum(sizes.values()):
+    if budget > MAX_BITS * total:
         raise ValueError(f"a budget of {budget} bits exceeds {MAX_BITS} a weight")
-    weights = {n: max(float(importance[n]), 0.0) for n in names}
-    if not any(weights.values()):  # no signal: spread the bits evenly
-        weights = dict.fromkeys(names, 1.0)
     width = dict.fromkeys(names, floor)
     while True:
         fits = [n for n in names if width[n] < MAX_BITS and spent + sizes[n] <= budget]
@@ -123,21 +150,58 @@ def share_points(
     return {n: 2 ** width[n] for n in names}
 
 
+def _share_points_by_count(
+    names: list[str], weights: dict[str, float], bits: int, budget: int | None
+) -> dict[str, int]:
+    floor = max(1, 2 ** (bits - 1))
+    cap = 2**MAX_BITS
+    budget = len(names) * 2**bits if budget is None else budget
+    if budget < floor * len(names):
+        raise ValueError(
+            f"a budget of {budget} points is below the minimum of {floor} for each of "
+            f"{len(names)} tensors"
+        )
+    if budget > cap * len(names):
+        raise ValueError(f"a budget of {budget} points exceeds {cap} for each of {len(names)}")
+    counts = np.full(len(names), floor, dtype=np.int64)
+    share_of = np.array([weights[n] for n in names], dtype=np.float64)
+    remaining = budget - int(counts.sum())
+    while remaining > 0:
+        open_ = counts < cap
+        w = np.where(open_, share_of, 0.0)
+        if w.sum() == 0:
+            w = open_.astype(np.float64)
+        share = w / w.sum() * remaining
+        extra = np.minimum(np.floor(share).astype(np.int64), cap - counts)
+        counts += extra
+        left = remaining - int(extra.sum())
+        if left > 0 and int(extra.sum()) == 0:  # hand out the last points by largest remainder
+            for i in np.argsort(-(share - np.floor(share)), kind="stable"):
+                if left == 0:
+                    break
+                if counts[i] < cap:
+                    counts[i] += 1
+                    left -= 1
+        remaining = budget - int(counts.sum())
+    return {n: int(c) for n, c in zip(names, counts)}
+
+
 def allocate_bits(
     model: nn.Module,
     batches: Iterable[tuple[Any, torch.Tensor]],
     loss_fn: Callable[[nn.Module, Any, torch.Tensor], torch.Tensor],
     bits: int,
     config: QuantConfig = QuantConfig(),
-    total_bits: int | None = None,
+    budget: int | None = None,
+    unit: str = "bits",
     num_batches: int = 4,
 ) -> dict[str, int]:
     """Per-tensor point counts for ``QuantConfig(method="nonuniform"|"differentiable",
-    num_points=...)``, from the paper's heuristic (see module docstring)."""
+    num_points=...)``: importance from gradients, shared as :func:`share_points` says."""
     importance = weight_importance(model, batches, loss_fn, config, num_batches)
-    return share_points(importance, weight_sizes(model, config), bits, total_bits)
+    return share_points(importance, weight_sizes(model, config), bits, budget, unit)
 
 
 def effective_bits(num_points: dict[str, int]) -> dict[str, float]:
-    """``log2`` of each tensor's point count: its bit width."""
+    """``log2`` of each tensor's point count: its bit width (fractional for ``unit="points"``)."""
     return {name: math.log2(count) for name, count in num_points.items()}

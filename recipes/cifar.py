@@ -2,10 +2,11 @@
 
 Teacher; the shallower, narrower student in full precision with and without distillation; PM
 2/4/8-bit; quantized distillation 2/4/8-bit; differentiable quantization 2/4-bit with bit
-allocation; QKD W4A4. Every configuration writes ``{out_dir}/{name}.json`` (accuracy, packed
-and fp32 file bytes, configuration, versions, machine) atomically and is skipped when that file
-exists with the same configuration, so a stopped run resumes; trained models are kept under
-``work_dir`` and reused by the configurations that start from them.
+allocation (a budget of code bits, and the paper's budget of points); QKD W4A4. Every
+configuration writes ``{out_dir}/{name}.json`` (accuracy, packed and fp32 file bytes,
+configuration, versions, machine) atomically and is skipped when that file exists with the
+same configuration, so a stopped run resumes; trained models are kept under ``work_dir`` and
+reused by the configurations that start from them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from recipes import small_runs as runs
 
 CONFIGURATIONS = (
     "teacher", "student_fp32", "student_fp32_distilled", "pm_2", "pm_4", "pm_8",
-    "qd_2", "qd_4", "qd_8", "dq_2", "dq_4", "qkd_w4a4",
+    "qd_2", "qd_4", "qd_8", "dq_2", "dq_4", "qkd_w4a4", "dq_2_points", "dq_4_points",
 )  # fmt: skip
 
 
@@ -85,6 +86,15 @@ class _Models:
         return self._cache[name]
 
 
+def trained_model(
+    cfg: runs.SmallRunConfig, data: dict, work_dir: str | os.PathLike, name: str
+) -> nn.Module:
+    """The teacher, ``student_fp32`` or ``student_fp32_distilled``: trained once into
+    ``work_dir`` (as :func:`run` does) and reloaded afterwards."""
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
+    return _Models(cfg, data, Path(work_dir)).get(name)
+
+
 def _jobs(models: _Models) -> dict[str, tuple[str, int | None, Callable[[], nn.Module]]]:
     cfg, data = models.cfg, models.data
     jobs: dict[str, tuple[str, int | None, Callable[[], nn.Module]]] = {
@@ -108,13 +118,17 @@ def _jobs(models: _Models) -> dict[str, tuple[str, int | None, Callable[[], nn.M
             lambda b=bits: runs.run_quantized_distillation(data, cfg, models.get("teacher"), b)[0],
         )
     for bits in (2, 4):
-        jobs[f"dq_{bits}"] = (
-            "differentiable quantization + bit allocation",
-            bits,
-            lambda b=bits: runs.run_differentiable_quantization(
-                data, cfg, models.get("teacher"), models.get("student_fp32_distilled"), b
-            )[0],
-        )
+        for unit, suffix, method in (
+            ("bits", "", "differentiable quantization + bit allocation"),
+            ("points", "_points", "differentiable quantization + the paper's point allocation"),
+        ):
+            jobs[f"dq_{bits}{suffix}"] = (
+                method,
+                bits,
+                lambda b=bits, u=unit: runs.run_differentiable_quantization(
+                    data, cfg, models.get("teacher"), models.get("student_fp32_distilled"), b, u
+                )[0],
+            )
     jobs["qkd_w4a4"] = (
         "QKD W4A4",
         4,

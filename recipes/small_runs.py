@@ -202,11 +202,19 @@ def _cross_entropy(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor)
 
 
 def run_differentiable_quantization(
-    data: dict, cfg: SmallRunConfig, teacher: nn.Module, fp32_student: nn.Module, bits: int
+    data: dict,
+    cfg: SmallRunConfig,
+    teacher: nn.Module,
+    fp32_student: nn.Module,
+    bits: int,
+    unit: str = "bits",
 ) -> tuple[nn.Module, dict[str, int]]:
-    """Algorithm 2 with bit allocation, starting from the trained full-precision student."""
+    """Algorithm 2 with bit allocation (a budget of code bits, or with ``unit="points"`` the
+    paper's budget of points), starting from the trained full-precision student."""
     model = copy.deepcopy(fp32_student).train()  # accuracy() may have left it in eval mode
-    points = allocate_bits(model, batches(data, cfg.batch_size, cfg.seed), _cross_entropy, bits)
+    points = allocate_bits(
+        model, batches(data, cfg.batch_size, cfg.seed), _cross_entropy, bits, unit=unit
+    )
     config = compressor.QuantConfig(bits=bits, method="differentiable", num_points=points)
     compressor.quantize_(model, config).to(cfg.device)
     table = teacher_logit_table(compressor.freeze_(teacher), data)

@@ -103,6 +103,32 @@ def test_default_budget_is_bits_per_weight_and_follows_importance():
     assert flat == dict.fromkeys(sizes, 16)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    importance=st.lists(st.floats(0, 1e3, allow_nan=False), min_size=1, max_size=8),
+    bits=st.integers(1, 6),
+    extra=st.integers(0, 200),
+)
+def test_paper_rule_conserves_points_keeps_half_and_is_monotone(importance, bits, extra):
+    names = {f"t{i}.weight": v for i, v in enumerate(importance)}
+    floor = 2 ** (bits - 1)
+    budget = min(len(names) * floor + extra, len(names) * 256)
+    counts = share_points(names, dict.fromkeys(names, 100), bits, budget, unit="points")
+    assert sum(counts.values()) == budget
+    assert all(floor <= c <= 256 for c in counts.values())
+    ordered = sorted(names, key=names.get)
+    for low, high in zip(ordered, ordered[1:]):
+        if names[high] > names[low] and counts[low] < 256:
+            assert counts[high] >= counts[low] - 1  # largest remainders: at most one apart
+
+
+def test_paper_rule_default_budget_and_fractional_bits():
+    importance = {"a.weight": 3.0, "b.weight": 1.0, "c.weight": 0.0}
+    counts = share_points(importance, dict.fromkeys(importance, 100), bits=4, unit="points")
+    assert counts == {"a.weight": 8 + 18, "b.weight": 8 + 6, "c.weight": 8}
+    assert effective_bits(counts)["a.weight"] == pytest.approx(math.log2(26))
+
+
 def test_allocation_packs_to_no_more_than_its_bits(tmp_path):
     model, data = _model(), _batches()
     counts = allocate_bits(model, data, _loss, bits=2)
@@ -133,11 +159,18 @@ def test_bad_budgets_raise():
     with pytest.raises(ValueError, match="name different tensors"):
         share_points(one, {"b.weight": 10}, bits=4)
     with pytest.raises(ValueError, match="below the minimum"):
-        share_points(one, {"a.weight": 10}, bits=4, total_bits=29)
+        share_points(one, {"a.weight": 10}, bits=4, budget=29)
     with pytest.raises(ValueError, match="exceeds"):
-        share_points(one, {"a.weight": 10}, bits=4, total_bits=81)
+        share_points(one, {"a.weight": 10}, bits=4, budget=81)
     with pytest.raises(ValueError, match="bits must be"):
         share_points(one, {"a.weight": 10}, bits=0)
+    with pytest.raises(ValueError, match="unit must be one of"):
+        share_points(one, {"a.weight": 10}, bits=4, unit="bytes")
+    two = {"a.weight": 1.0, "b.weight": 1.0}
+    with pytest.raises(ValueError, match="below the minimum of 8 for each of 2"):
+        share_points(two, dict.fromkeys(two, 10), bits=4, budget=15, unit="points")
+    with pytest.raises(ValueError, match="exceeds 256"):
+        share_points(one, {"a.weight": 10}, bits=4, budget=257, unit="points")
     with pytest.raises(ValueError, match="at least one batch"):
         allocate_bits(_model(), [], _loss, bits=2)
     with pytest.raises(ValueError, match="no quantizable layer"):

@@ -36,7 +36,7 @@ def test_cifar10_smoke_writes_every_configuration_and_resumes(cifar10_dir, tmp_p
     rows = {r["name"]: r for r in result["rows"]}
     assert set(rows) == {
         "teacher", "student_fp32", "student_fp32_distilled", "pm_2", "pm_4", "pm_8",
-        "qd_2", "qd_4", "qd_8", "dq_2", "dq_4", "qkd_w4a4",
+        "qd_2", "qd_4", "qd_8", "dq_2", "dq_4", "qkd_w4a4", "dq_2_points", "dq_4_points",
     }  # fmt: skip
     assert rows["teacher"]["packed_bytes"] is None
     for name in ("pm_2", "qd_4", "dq_2", "qkd_w4a4"):
