@@ -31,7 +31,7 @@ import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import ratio, timings, write_result
+from benchmarks.common import load_result, ratio, timings, write_result
 from recipes import small_runs as runs
 from recipes.experiments import load_recipe
 
@@ -198,8 +198,12 @@ def main(argv: list[str] | None = None) -> dict:
     result["classification"] = classification(args.scale, args.repeats)
     folder = translation_dir(args.translation_dir)
     if folder is None:
+        last = load_result("inference") or {}
+        kept = {k: last[k] for k in ("translation", "loading") if k in last}
+        result.update(kept)  # a fresh clone: keep the committed figures rather than drop them
         print("inference: no trained translation models yet (run the multi30k recipe or "
-              "make demo); translation skipped", flush=True)  # fmt: skip
+              "make demo); translation " + ("figures kept from the last run" if kept
+                                            else "skipped"), flush=True)  # fmt: skip
     else:
         print(f"inference: translation with the models in {folder}", flush=True)
         result["translation"] = translation(folder, args.repeats, args.threads)

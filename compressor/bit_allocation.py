@@ -102,7 +102,7 @@ def share_points(
     per weight); see the module docstring. ``unit="points"``: the paper's rule, ``budget``
     points in all (default: ``2**bits`` per tensor), each tensor keeping ``2**(bits-1)`` and
     the rest shared in proportion to importance; the counts add up to the budget exactly but
-    need not be powers of two, and a count just above one pays a whole extra code bit.
+    need not be powers of two, and a count just above a power of two pays a whole extra code bit.
     """
     if not importance:
         raise ValueError("bit allocation needs at least one tensor to quantize (empty budget)")
@@ -124,9 +124,12 @@ def share_points(
 
 
 def _share_code_bits(
-    names: list[str], weights: dict[str, float], sizes: dict[str, int], bits: int,
+    names: list[str],
+    weights: dict[str, float],
+    sizes: dict[str, int],
+    bits: int,
     budget: int | None,
-) -> dict[str, int]:  # fmt: skip
+) -> dict[str, int]:
     floor = max(1, bits - 1)
     total = sum(sizes.values())
     budget = bits * total if budget is None else budget
