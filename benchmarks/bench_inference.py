@@ -199,7 +199,11 @@ def main(argv: list[str] | None = None) -> dict:
     folder = translation_dir(args.translation_dir)
     if folder is None:
         last = load_result("inference") or {}
-        kept = {k: last[k] for k in ("translation", "loading") if k in last}
+        kept = {
+            k: {"measured_in": last.get("environment"), **last[k]}
+            for k in ("translation", "loading")
+            if k in last
+        }
         result.update(kept)  # a fresh clone: keep the committed figures rather than drop them
         print("inference: no trained translation models yet (run the multi30k recipe or "
               "make demo); translation " + ("figures kept from the last run" if kept

@@ -177,9 +177,10 @@ def main(argv: list[str] | None = None) -> dict:
     candidates = [Path(args.translation_dir)] if args.translation_dir else TRANSLATION_DIRS
     folder = next((f for f in candidates if (f / "student_qd4.yaml").exists()), None)
     if folder is None:
-        kept = (load_result("training_cost") or {}).get("translation")
+        last = load_result("training_cost") or {}
+        kept = last.get("translation")
         if kept is not None:  # a fresh clone: keep the committed figures rather than drop them
-            result["translation"] = kept
+            result["translation"] = {"measured_in": last.get("environment"), **kept}
         print("training cost: no multi30k recipe or demo run yet; translation "
               + ("figures kept from the last run" if kept else "skipped"))  # fmt: skip
     else:
