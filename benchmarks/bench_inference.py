@@ -31,7 +31,7 @@ import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import load_result, ratio, timings, write_result
+from benchmarks.common import kept_figures, ratio, timings, write_result
 from recipes import small_runs as runs
 from recipes.experiments import load_recipe
 
@@ -198,12 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["classification"] = classification(args.scale, args.repeats)
     folder = translation_dir(args.translation_dir)
     if folder is None:
-        last = load_result("inference") or {}
-        kept = {
-            k: {"measured_in": last.get("environment"), **last[k]}
-            for k in ("translation", "loading")
-            if k in last
-        }
+        kept = kept_figures("inference", ("translation", "loading"))
         result.update(kept)  # a fresh clone: keep the committed figures rather than drop them
         print("inference: no trained translation models yet (run the multi30k recipe or "
               "make demo); translation " + ("figures kept from the last run" if kept

@@ -30,7 +30,14 @@ import yaml
 
 import compressor
 from benchmarks.bench_inference import ROOT, TRANSLATION_DIRS
-from benchmarks.common import interleaved_timings, load_result, ratio, timings, write_result
+from benchmarks.common import (
+    interleaved_timings,
+    kept_figures,
+    load_result,
+    ratio,
+    timings,
+    write_result,
+)
 from compressor.training import DistillConfig, distill_step, freeze_
 from recipes import small_runs as runs
 from recipes.experiments import load_recipe
@@ -177,10 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
     candidates = [Path(args.translation_dir)] if args.translation_dir else TRANSLATION_DIRS
     folder = next((f for f in candidates if (f / "student_qd4.yaml").exists()), None)
     if folder is None:
-        last = load_result("training_cost") or {}
-        kept = last.get("translation")
-        if kept is not None:  # a fresh clone: keep the committed figures rather than drop them
-            result["translation"] = {"measured_in": last.get("environment"), **kept}
+        kept = kept_figures("training_cost", ("translation",))
+        result.update(kept)  # a fresh clone: keep the committed figures rather than drop them
         print("training cost: no multi30k recipe or demo run yet; translation "
               + ("figures kept from the last run" if kept else "skipped"))  # fmt: skip
     else:

@@ -17,19 +17,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def timings(fn: Callable[[], object], repeats: int = 7, warmup: int = 1) -> dict:
     """Median, min and max wall time of ``fn`` over ``repeats`` runs, after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return {
-        "median_s": statistics.median(samples),
-        "min_s": min(samples),
-        "max_s": max(samples),
-        "repeats": repeats,
-    }
+    return interleaved_timings({"fn": fn}, repeats, warmup)["fn"]
 
 
 def interleaved_timings(
@@ -75,3 +63,10 @@ def write_result(name: str, payload: dict) -> Path:
 def load_result(name: str) -> dict | None:
     path = RESULTS / f"{name}.json"
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def kept_figures(name: str, keys: tuple[str, ...]) -> dict:
+    """The parts ``keys`` of the last ``results/<name>.json``, each marked with the run it was
+    measured in: what a fresh clone keeps when the models to measure them again are absent."""
+    last = load_result(name) or {}
+    return {k: {"measured_in": last.get("environment"), **last[k]} for k in keys if k in last}

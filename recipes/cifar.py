@@ -55,6 +55,14 @@ class _Models:
     def __init__(self, cfg: runs.SmallRunConfig, data: dict, work: Path) -> None:
         self.cfg, self.data, self.work = cfg, data, work
         self._cache: dict[str, nn.Module] = {}
+        self._table: torch.Tensor | None = None
+
+    def teacher_logits(self) -> torch.Tensor:
+        """The teacher's logit table, computed once for every run that distils from it."""
+        if self._table is None:
+            teacher = compressor.freeze_(self.get("teacher"))
+            self._table = runs.teacher_logit_table(teacher, self.data)
+        return self._table
 
     def get(self, name: str) -> nn.Module:
         if name not in self._cache:
@@ -69,7 +77,9 @@ class _Models:
                 ),
                 "student_fp32_distilled": (
                     lambda: runs.student(self.cfg),
-                    lambda: runs.run_fp32_student(self.data, self.cfg, self.get("teacher")),
+                    lambda: runs.run_fp32_student(
+                        self.data, self.cfg, self.get("teacher"), self.teacher_logits()
+                    ),
                 ),
             }[name]
             path = self.work / f"{name}.pt"
@@ -115,7 +125,9 @@ def _jobs(models: _Models) -> dict[str, tuple[str, int | None, Callable[[], nn.M
         jobs[f"qd_{bits}"] = (
             "quantized distillation",
             bits,
-            lambda b=bits: runs.run_quantized_distillation(data, cfg, models.get("teacher"), b)[0],
+            lambda b=bits: runs.run_quantized_distillation(
+                data, cfg, models.get("teacher"), b, models.teacher_logits()
+            )[0],
         )
     for bits in (2, 4):
         for unit, suffix, method in (
@@ -126,8 +138,14 @@ def _jobs(models: _Models) -> dict[str, tuple[str, int | None, Callable[[], nn.M
                 method,
                 bits,
                 lambda b=bits, u=unit: runs.run_differentiable_quantization(
-                    data, cfg, models.get("teacher"), models.get("student_fp32_distilled"), b, u
-                )[0],
+                    data,
+                    cfg,
+                    models.get("teacher"),
+                    models.get("student_fp32_distilled"),
+                    b,
+                    u,
+                    models.teacher_logits(),
+                )[0],  # fmt: skip
             )
     jobs["qkd_w4a4"] = (
         "QKD W4A4",

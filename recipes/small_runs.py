@@ -144,9 +144,14 @@ def _optimizer(model: nn.Module, cfg: SmallRunConfig, steps: int):  # noqa: ANN2
     return opt, torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=max(steps, 1))
 
 
-def _train(model, teacher, data, cfg, steps, alpha, desc):  # noqa: ANN001, ANN202
+def _logits(teacher: nn.Module, data: dict, table: torch.Tensor | None) -> torch.Tensor:
+    """The caller's :func:`teacher_logit_table` of ``teacher``, or one computed now."""
+    return table if table is not None else teacher_logit_table(compressor.freeze_(teacher), data)
+
+
+def _train(model, teacher, data, cfg, steps, alpha, desc, table=None):  # noqa: ANN001, ANN202
     opt, sched = _optimizer(model, cfg, steps)
-    table = None if teacher is None else teacher_logit_table(compressor.freeze_(teacher), data)
+    table = None if teacher is None else _logits(teacher, data, table)
     return quantized_distillation(
         model,
         None,
@@ -170,10 +175,16 @@ def student(cfg: SmallRunConfig) -> nn.Module:
     return tiny_cnn(cfg.student_width, cfg.student_depth).to(cfg.device)
 
 
-def run_fp32_student(data: dict, cfg: SmallRunConfig, teacher: nn.Module | None) -> nn.Module:
+# The run_* functions take the teacher's ``table`` (:func:`teacher_logit_table`) when the
+# caller already has it, so that a recipe computes it once for all of its runs.
+
+
+def run_fp32_student(
+    data: dict, cfg: SmallRunConfig, teacher: nn.Module | None, table: torch.Tensor | None = None
+) -> nn.Module:
     model = student(cfg)
     desc = "student fp32" + (" distilled" if teacher is not None else "")
-    _train(model, teacher, data, cfg, cfg.steps, cfg.alpha, desc)
+    _train(model, teacher, data, cfg, cfg.steps, cfg.alpha, desc, table)
     return model
 
 
@@ -185,11 +196,15 @@ def run_post_training(model: nn.Module, bits: int) -> nn.Module:
 
 
 def run_quantized_distillation(
-    data: dict, cfg: SmallRunConfig, teacher: nn.Module, bits: int
+    data: dict,
+    cfg: SmallRunConfig,
+    teacher: nn.Module,
+    bits: int,
+    table: torch.Tensor | None = None,
 ) -> tuple[nn.Module, list[dict]]:
     model = student(cfg)
     compressor.quantize_(model, compressor.QuantConfig(bits=bits)).to(cfg.device)
-    history = _train(model, teacher, data, cfg, cfg.steps, cfg.alpha, f"QD {bits}-bit")
+    history = _train(model, teacher, data, cfg, cfg.steps, cfg.alpha, f"QD {bits}-bit", table)
     return compressor.materialize_(model), history
 
 
@@ -208,6 +223,7 @@ def run_differentiable_quantization(
     fp32_student: nn.Module,
     bits: int,
     unit: str = "bits",
+    table: torch.Tensor | None = None,
 ) -> tuple[nn.Module, dict[str, int]]:
     """Algorithm 2 with bit allocation (a budget of code bits, or with ``unit="points"`` the
     paper's budget of points), starting from the trained full-precision student."""
@@ -217,7 +233,7 @@ def run_differentiable_quantization(
     )
     config = compressor.QuantConfig(bits=bits, method="differentiable", num_points=points)
     compressor.quantize_(model, config).to(cfg.device)
-    table = teacher_logit_table(compressor.freeze_(teacher), data)
+    table = _logits(teacher, data, table)
     differentiable_quantization(
         model,
         progress(batches(data, cfg.batch_size, cfg.seed + 2, table), cfg.steps, f"DQ {bits}-bit"),
@@ -269,17 +285,18 @@ def run_all(cfg: SmallRunConfig, root: Path | None = None) -> dict[str, float]:
                         cfg.device)  # fmt: skip
     teacher = train_teacher(data, cfg)
     results = {"teacher fp32": accuracy(teacher, data)}
+    table = teacher_logit_table(compressor.freeze_(teacher), data)
     plain = run_fp32_student(data, cfg, None)
-    distilled = run_fp32_student(data, cfg, teacher)
+    distilled = run_fp32_student(data, cfg, teacher, table)
     results["student fp32"] = accuracy(plain, data)
     results["student fp32 distilled"] = accuracy(distilled, data)
     for bits in (2, 4, 8):
         results[f"PM {bits}-bit"] = accuracy(run_post_training(distilled, bits), data)
         results[f"quantized distillation {bits}-bit"] = accuracy(
-            run_quantized_distillation(data, cfg, teacher, bits)[0], data
+            run_quantized_distillation(data, cfg, teacher, bits, table)[0], data
         )
     for bits in (2, 4):
-        model, _ = run_differentiable_quantization(data, cfg, teacher, distilled, bits)
+        model, _ = run_differentiable_quantization(data, cfg, teacher, distilled, bits, table=table)
         results[f"differentiable quantization {bits}-bit"] = accuracy(model, data)
     results["QKD W4A4"] = accuracy(run_qkd(data, cfg, teacher, init=plain)[0], data)
     return results
