@@ -15,11 +15,12 @@ import argparse
 import copy
 from dataclasses import asdict
 
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 import compressor
 from benchmarks.bench_cifar import WORK
 from benchmarks.common import load_result, write_result
+from compressor.files import atomic_write_bytes
 from compressor.packed import entropy_ans_available
 from recipes import cifar
 from recipes import small_runs as runs
@@ -42,7 +43,8 @@ def main(argv: list[str] | None = None) -> dict:
                              cfg.device)  # fmt: skip
     student = cifar.trained_model(cfg, data, WORK, "student_fp32_distilled")
     fp32 = WORK / "student_fp32_distilled.safetensors"  # the file the student ships as in fp32
-    save_file({k: v.contiguous().cpu() for k, v in student.state_dict().items()}, str(fp32))
+    state = {k: v.contiguous().cpu() for k, v in student.state_dict().items()}
+    atomic_write_bytes(fp32, safetensors_bytes(state))
     rows = []
     for bucket in BUCKETS:
         model = copy.deepcopy(student)

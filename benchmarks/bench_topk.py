@@ -18,6 +18,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from benchmarks.common import write_result
+from compressor.files import atomic_directory
 from onmt_plugin.demo import DEMO_SCALE, SAMPLE
 from recipes.translation import Corpus, run
 
@@ -31,7 +32,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--top-k", type=int, default=8)
     args = parser.parse_args(argv)
     if not WORK.exists() and (DEMO / "teacher.pt").exists():
-        shutil.copytree(DEMO, WORK, ignore=shutil.ignore_patterns("eval.json", "report.*", "*.png"))
+        with atomic_directory(WORK) as staging:  # all of the demo's models, or none
+            skip = shutil.ignore_patterns("eval.json", "report.*", "*.png")
+            shutil.copytree(DEMO, staging, dirs_exist_ok=True, ignore=skip)
     scale = replace(DEMO_SCALE, top_k=(args.top_k,))
     result = run(Corpus(SAMPLE, "de", "en"), scale, WORK)
     rows = {row["name"]: row for row in result["rows"]}

@@ -38,6 +38,7 @@ from benchmarks.common import (
     timings,
     write_result,
 )
+from compressor.files import atomic_write_text
 from compressor.training import DistillConfig, distill_step, freeze_
 from recipes import small_runs as runs
 from recipes.experiments import load_recipe
@@ -122,10 +123,10 @@ def translation(folder: Path, steps: int, repeats: int, threads: int, pairs: int
         for side in ("src", "tgt"):
             lines = Path(config["data"]["corpus_1"][f"path_{side}"]).read_text().splitlines()
             corpus[f"path_{side}"] = f"{tmp}/train.{side}"
-            Path(corpus[f"path_{side}"]).write_text("\n".join(lines[:pairs]) + "\n")
+            atomic_write_text(corpus[f"path_{side}"], "\n".join(lines[:pairs]) + "\n")
         data = {**config["data"], "corpus_1": corpus}
         for name in variants:
-            Path(f"{tmp}/{name}.yaml").write_text(yaml.safe_dump({
+            atomic_write_text(f"{tmp}/{name}.yaml", yaml.safe_dump({
                 **config, "data": data, "save_model": f"{tmp}/{name}", "train_steps": steps,
                 "report_every": 10, "save_checkpoint_steps": 10 * steps, "valid_steps": 10 * steps,
             }))  # fmt: skip

@@ -14,12 +14,10 @@ trains the 4-bit student 2.5x longer, into ``results/translation_long.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
 from pathlib import Path
 
 from benchmarks.common import RESULTS, load_result
+from compressor.files import atomic_write_bytes, atomic_write_json
 from recipes.experiments import load_recipe, run_recipe
 
 HERE = Path(__file__).resolve().parent
@@ -48,11 +46,9 @@ def run_experiment(experiment: str, scale: str = "cpu", rerun: bool = False) -> 
     work = WORK / recipe.name
     result = run_recipe(recipe, scale, work)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS / f".{result_name}.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, RESULTS / f"{result_name}.json")
+    atomic_write_json(RESULTS / f"{result_name}.json", result)
     if plot:
-        shutil.copyfile(work / "work" / "bleu_vs_size.png", HERE / plot)
+        atomic_write_bytes(HERE / plot, (work / "work" / "bleu_vs_size.png").read_bytes())
     return result
 
 

@@ -4,12 +4,12 @@ record the configuration, versions and machine next to each figure."""
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from compressor.files import atomic_write_json
 from recipes.environment import environment
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -54,9 +54,7 @@ def write_result(name: str, payload: dict) -> Path:
     """Write ``results/<name>.json`` atomically, with the environment added."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({**payload, "environment": environment()}, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, {**payload, "environment": environment()})
     return path
 
 

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from benchmarks.common import RESULTS
+from compressor.files import atomic_write, atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 
@@ -217,7 +218,8 @@ def _cifar_plot(rows: list[dict]) -> None:
     ax.set_title("Accuracy against real file size")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(HERE / "cifar_accuracy_vs_bytes.png", dpi=120)
+    with atomic_write(HERE / "cifar_accuracy_vs_bytes.png", "wb") as handle:
+        fig.savefig(handle, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -357,7 +359,7 @@ def main() -> Path:
     if notes.exists():
         lines.append(notes.read_text().rstrip() + "\n")
     path = HERE / "REPORT.md"
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     print(f"wrote {path}")
     return path
 

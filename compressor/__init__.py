@@ -25,7 +25,7 @@ from compressor.bit_allocation import (  # noqa: E402
     weight_importance,
     weight_sizes,
 )
-from compressor.checkpoints import (  # noqa: E402
+from compressor.files import (  # noqa: E402
     CheckpointError,
     load_checkpoint,
 )

@@ -13,6 +13,7 @@ import sys
 from importlib.metadata import entry_points
 
 from compressor import __version__
+from compressor.files import CheckpointError, OutputError
 
 
 class UsageError(Exception):
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args.command is None else 2
     try:
         return int(args.func(args) or 0)
-    except UsageError as exc:
+    except (UsageError, OutputError, CheckpointError) as exc:
         print(f"qdistill {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ once into 64-bit words.
 from __future__ import annotations
 
 import heapq
+import math
 
 import numpy as np
 
@@ -17,6 +18,17 @@ HUFFMAN_MAX_LENGTH = 16  # decode reads 16-bit windows
 HUFFMAN_CHUNK = 4096  # symbols per chunk: one uint32 bit length each (0.008 bits per symbol)
 _MAX_CHUNK = 1 << 16
 _BLOCK = 1 << 22  # symbols encoded per pass, to bound temporary memory
+_EXPAND_CELLS = 1 << 18  # Huffman decode: (chunk, step) records expanded per pass
+
+# rANS (constriction's default AnsCoder): 32-bit words, a 64-bit state, probabilities quantized
+# to 24 bits.
+ANS_PRECISION = 24
+# The most weights an rANS stream may claim per stored bit (at least a quarter bit a weight),
+# beyond a few that any stream may hold. A writer whose stream would claim more falls back to
+# Huffman (at least one bit a weight), so every file it writes passes the loader's check.
+ANS_MAX_SYMBOLS_PER_BIT = 4
+ANS_FREE_SYMBOLS = 1 << 12
+_ANS_BLOCK = 1 << 18  # symbols decoded per call into constriction (1 MB of int32)
 
 
 class CodingError(ValueError):
@@ -252,21 +264,35 @@ def huffman_decode(
         window = (window24[position >> 3] >> (8 - (position & 7))) & 0xFFFF
         windows[steps] = window
         steps += 1
-        position += step_bits[window]
+        advance = step_bits[window]
+        if not advance.any():  # every chunk stuck on an invalid code: it stays stuck
+            raise CodingError("invalid Huffman code in the stream")
+        position += advance
         decoded += table_count[window]
         if steps % 16 == 0 and (decoded >= target).all():
             break
-    windows = windows[:steps].T  # (chunks, steps)
-    got = table_count[windows]
-    before = np.cumsum(got, axis=1) - got
-    take = np.clip(target[:, None] - before, 0, got)  # codes of each record inside the chunk
-    if not np.array_equal(take.sum(axis=1), target):
-        raise CodingError("invalid Huffman code in the stream")
-    spent = prefix_bits[take, windows].sum(axis=1)
-    if not np.array_equal(spent, chunk_bits):
-        raise CodingError("Huffman chunks do not end where their lengths say")
-    keep = np.arange(per_step)[None, None, :] < take[:, :, None]
-    return np.moveaxis(table_symbols[:, windows], 0, -1)[keep]
+    del window24, position
+    # Expand the records a block of chunks at a time: the temporaries (several int64 per
+    # record) stay bounded whatever the number of symbols.
+    out = np.empty(count, dtype=np.uint8)
+    rows = max(1, _EXPAND_CELLS // steps)
+    start = 0
+    for first in range(0, chunks, rows):
+        part = windows[:steps, first : first + rows].T  # (rows, steps)
+        want = target[first : first + rows]
+        got = table_count[part]
+        before = np.cumsum(got, axis=1) - got
+        take = np.clip(want[:, None] - before, 0, got)  # codes of each record inside the chunk
+        if not np.array_equal(take.sum(axis=1), want):
+            raise CodingError("invalid Huffman code in the stream")
+        spent = prefix_bits[take, part].sum(axis=1)
+        if not np.array_equal(spent, chunk_bits[first : first + rows]):
+            raise CodingError("Huffman chunks do not end where their lengths say")
+        keep = np.arange(per_step)[None, None, :] < take[:, :, None]
+        symbols = np.moveaxis(table_symbols[:, part], 0, -1)[keep]
+        out[start : start + symbols.size] = symbols
+        start += symbols.size
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,14 +308,53 @@ def ans_available() -> bool:
     return True
 
 
-def _ans_model(counts: np.ndarray):  # noqa: ANN202
-    import constriction
-
+def _ans_probabilities(counts: np.ndarray) -> np.ndarray:
     counts = np.asarray(counts, dtype=np.float64)
     if counts.size == 1:  # constriction needs two entries; the second is never coded
         counts = np.append(counts, 0.0)
-    probabilities = (counts / counts.sum()).astype(np.float32)
-    return constriction.stream.model.Categorical(probabilities, perfect=False)
+    return (counts / counts.sum()).astype(np.float32)
+
+
+def _ans_model(counts: np.ndarray):  # noqa: ANN202
+    import constriction
+
+    return constriction.stream.model.Categorical(_ans_probabilities(counts), perfect=False)
+
+
+def ans_min_bits(counts: np.ndarray) -> float:
+    """A lower bound on the bits that decoding any one symbol takes from an rANS stream
+    under the histogram ``counts`` (while the stream lasts).
+
+    constriction quantizes the probabilities to ``M = 2**24`` (its "fast" leaky quantizer:
+    every symbol gets 1, the rest ``M - n`` is shared out by floor of the scaled cumulative
+    sum), so the most probable symbol gets at most ``p_max * M + 4n + 8`` (slack for the
+    floors and float32 rounding) and at most ``M - (n - 1)``. Decoding a symbol of frequency
+    ``f`` maps the state ``x`` (at least ``2**32`` while the stream has words left) to at most
+    ``x * f / M + (M - f)``, so it takes at least ``-log2(f/M + (M - f) / 2**32)`` bits."""
+    probabilities = _ans_probabilities(counts).astype(np.float64)
+    n = probabilities.size
+    total = 1 << ANS_PRECISION
+    f_max = min(total - (n - 1), math.floor(float(probabilities.max()) * total) + 4 * n + 8)
+    return -math.log2(f_max / total + (total - f_max) / 2**32)
+
+
+def ans_max_symbols(counts: np.ndarray, words: int) -> int:
+    """The most symbols the loader believes an rANS stream of ``words`` 32-bit words holds.
+
+    Two bounds, the smaller wins: what the bits can carry at :func:`ans_min_bits` each (the
+    64-bit state counted as two more words), and :data:`ANS_MAX_SYMBOLS_PER_BIT` per stored
+    bit; plus :data:`ANS_FREE_SYMBOLS`. rANS has no hard limit of its own: constriction's
+    state starts at 0, and while it stays below the first symbol's frequency that symbol
+    costs nothing, so a stream can end in an arbitrarily long run of it. The writer
+    therefore checks its own streams against this bound (:func:`ans_fits`) and uses Huffman
+    where one would not pass; decoding allocates nothing before the check."""
+    by_bits = math.floor((32 * words + 64) / ans_min_bits(counts))
+    return ANS_FREE_SYMBOLS + min(by_bits, ANS_MAX_SYMBOLS_PER_BIT * 32 * words)
+
+
+def ans_fits(count: int, counts: np.ndarray, words: int) -> bool:
+    """Whether ``words`` words may hold ``count`` symbols (:func:`ans_max_symbols`)."""
+    return count <= ans_max_symbols(counts, words)
 
 
 def ans_encode(symbols: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -304,20 +369,32 @@ def ans_encode(symbols: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 
 def ans_decode(words: np.ndarray, counts: np.ndarray, count: int) -> np.ndarray:
-    """Inverse of :func:`ans_encode`."""
+    """Inverse of :func:`ans_encode`. ``count`` is checked against what the stream can hold
+    (:func:`ans_max_symbols`) before anything in proportion to it is allocated, and the
+    symbols are decoded a block at a time into one byte each."""
     import constriction
 
+    words = np.ascontiguousarray(words, dtype=np.uint32).ravel()
     if count == 0:
-        if np.asarray(words).size:
+        if words.size:
             raise CodingError("rANS stream holds data but no symbol")
         return np.zeros(0, dtype=np.uint8)
-    coder = constriction.stream.stack.AnsCoder(np.ascontiguousarray(words, dtype=np.uint32))
+    if not ans_fits(count, counts, words.size):
+        raise CodingError(
+            f"{count} symbols claimed from {words.size} words; at most "
+            f"{ans_max_symbols(counts, words.size)} fit"
+        )
+    coder = constriction.stream.stack.AnsCoder(words)
+    model = _ans_model(counts)
+    out = np.empty(count, dtype=np.uint8)
     try:
-        symbols = coder.decode(_ans_model(counts), count)
+        for start in range(0, count, _ANS_BLOCK):
+            size = min(_ANS_BLOCK, count - start)
+            out[start : start + size] = coder.decode(model, size)
     except BaseException as exc:  # the Rust extension reports corrupt input its own way
         if isinstance(exc, KeyboardInterrupt):
             raise
         raise CodingError(f"rANS stream does not decode ({exc})") from None
     if not coder.is_empty():
         raise CodingError("rANS stream has data left after the last symbol")
-    return np.asarray(symbols, dtype=np.uint8)
+    return out

@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from torch import nn
 
 from compressor import bitpack, entropy
 from compressor.api import materialized_codes, quantization_specs, quantized_tensors
+from compressor.files import atomic_write_bytes
 from compressor.quantizers import BucketCodes
 from compressor.spec import QuantSpec
 
@@ -37,10 +37,6 @@ FORMAT = "qdistill-packed"
 VERSION = 2
 ENTROPY_CODERS = (None, "huffman", "ans")
 _SEP = "::"
-# An rANS stream may not claim more than this many weights per stored bit.
-_MAX_WEIGHTS_PER_BIT = 256
-# ... beyond this many weights, which any stream may hold (4 MB of fp32 at most).
-_ANS_FREE_SYMBOLS = 1 << 20
 _MAX_DIM = 2**40
 
 _DTYPES = {
@@ -276,10 +272,14 @@ def _store_codes(
             "counts": hist.tolist(),
         }
         kind = coder_kind
-        if kind == "ans" and np.count_nonzero(hist) < 2:
-            # A single symbol costs rANS almost nothing: too little data for the loader's
-            # bound on weights per stored bit. Huffman spends one bit each.
-            kind = "huffman"
+        if kind == "ans":
+            stream = entropy.ans_encode(symbols, hist)
+            code_length = -np.log2(np.maximum(hist, 1) / max(int(hist.sum()), 1))
+            if not entropy.ans_fits(symbols.size, hist, stream.size):
+                # Too many weights for the bits stored (a near-single-symbol histogram, or a
+                # long run of the first symbol at the end, which rANS codes almost for free):
+                # the loader would refuse the stream. Huffman spends at least one bit each.
+                kind = "huffman"
         coder["kind"] = kind
         if kind == "huffman":
             lengths = entropy.huffman_lengths(hist)
@@ -287,9 +287,6 @@ def _store_codes(
             payload[f"{_SEP}{key}{_SEP}chunks"] = chunks
             coder.update(lengths=lengths.tolist(), chunk=entropy.HUFFMAN_CHUNK)
             code_length = lengths
-        else:
-            stream = entropy.ans_encode(symbols, hist)
-            code_length = -np.log2(np.maximum(hist, 1) / max(int(hist.sum()), 1))
         payload[f"{_SEP}{key}{_SEP}stream"] = stream
         coders[key] = coder
         for name in names:
@@ -301,35 +298,57 @@ def _store_codes(
     return coders
 
 
-def default_file_mode() -> int:
-    """The mode ``open()`` would give a new file (0o666 less the umask); temporary files from
-    ``mkstemp`` are 0o600, which a file meant to be shared should not keep."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def _write_atomic(path: str | os.PathLike, payload: dict[str, np.ndarray], header: dict) -> int:
     from safetensors.numpy import save
 
-    path = Path(path)
-    data = save(payload, metadata=header)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, default_file_mode())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return len(data)
+    return atomic_write_bytes(path, save(payload, metadata=header))
 
 
 # --------------------------------------------------------------------------------------------
-# Loading.
+# Loading. Every field of the metadata and every payload tensor is untrusted. ``_layout``
+# checks them all (types, ranges, cross-references, each size against the bytes present and
+# every coder's symbol count against what its stream can plausibly hold) before anything is
+# decoded, so that a hostile file raises PackedFormatError, and loading any file allocates at
+# most a small multiple of its own size plus the tensors it declares, which are themselves
+# bounded by its payload: 8/bits weights a byte bit-packed, 8 Huffman-coded, and
+# ``entropy.ANS_MAX_SYMBOLS_PER_BIT * 8`` rANS-coded.
+
+_CODINGS = ("bitpack", "huffman", "ans")
+_MAX_NDIM = 16
+_HISTOGRAM_BLOCK = 1 << 16  # bincount widens to int64: 512 KB at a time
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One validated tensor entry of the metadata."""
+
+    name: str
+    kind: str  # "tied", "raw" or "quantized"
+    target: str = ""  # tied: the tensor it shares
+    dtype: str = ""  # raw: the stored dtype; quantized: the decoded one
+    shape: tuple[int, ...] = ()
+    spec: QuantSpec | None = None
+    coding: str = ""  # quantized: one of _CODINGS
+    coder: str = ""  # entropy-coded: the key of its coder
+    code_bits: int = 0  # entropy-coded: its share of the stream, for reports
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class _Coder:
+    """One validated pooled entropy coder of the metadata."""
+
+    key: str
+    levels: int
+    kind: str
+    names: tuple[str, ...]
+    symbols: int
+    counts: np.ndarray
+    lengths: np.ndarray | None = None  # Huffman
+    chunk: int = 0  # Huffman
 
 
 def _read(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -354,190 +373,356 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str
     return payload, metadata
 
 
-def _parse_header(path: object, header: Mapping[str, str]) -> tuple[dict, dict, dict]:
-    if header.get("format") != FORMAT:
-        raise PackedFormatError(f"{path}: not a qdistill packed file (no '{FORMAT}' marker)")
-    if header.get("version") != str(VERSION):
-        raise PackedFormatError(
-            f"{path}: format version {header.get('version')!r}; this qdistill reads {VERSION}"
-        )
-    try:
-        entries = json.loads(header["tensors"])
-        coders = json.loads(header["coders"])
-        user = json.loads(header["user"])
-    except (KeyError, ValueError, RecursionError) as exc:
-        raise PackedFormatError(f"{path}: damaged metadata ({exc})") from None
-    if not all(isinstance(x, dict) for x in (entries, coders, user)):
-        raise PackedFormatError(f"{path}: damaged metadata (wrong types)")
-    if not all(isinstance(e, dict) for e in entries.values()):
-        raise PackedFormatError(f"{path}: damaged metadata (tensor entries)")
-    return entries, coders, user
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _int(value: object, what: str, low: int, high: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise PackedFormatError(f"{what} must be an integer from {low} to {high}, got {value!r}")
+        raise PackedFormatError(
+            f"{what} must be an integer from {low} to {high}, got {_show(value)}"
+        )
     return value
 
 
-def _shape(name: str, entry: dict) -> tuple[int, ...]:
-    shape = entry.get("shape")
-    if not isinstance(shape, list) or len(shape) > 16:
-        raise PackedFormatError(f"{name}: invalid shape {shape!r}")
-    return tuple(_int(d, f"{name}: shape", 0, _MAX_DIM) for d in shape)
+def _str(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise PackedFormatError(f"{what} must be a string, got {_show(value)}")
+    return value
 
 
-def _array(payload: Mapping[str, np.ndarray], key: str, dtype: type) -> np.ndarray:
+def _ints(value: object, what: str, length: int, low: int, high: int) -> np.ndarray:
+    if not isinstance(value, list) or len(value) != length:
+        raise PackedFormatError(f"{what} must be a list of {length} integers, got {_show(value)}")
+    return np.array([_int(v, what, low, high) for v in value], dtype=np.int64)
+
+
+def _array(
+    payload: Mapping[str, np.ndarray], key: str, dtype: type, size: int | None = None
+) -> np.ndarray:
     if key not in payload:
         raise PackedFormatError(f"missing tensor {key!r}")
     array = payload[key]
     if array.dtype != dtype or array.ndim != 1:
         raise PackedFormatError(f"{key} must be 1-D {np.dtype(dtype).name}")
+    if size is not None and array.size != size:
+        raise PackedFormatError(f"{key} holds {array.size} values, the metadata needs {size}")
     return array
 
 
-def _spec(name: str, entry: dict) -> QuantSpec:
+def _parse_header(header: Mapping[str, str]) -> tuple[dict, dict, dict]:
+    if header.get("format") != FORMAT:
+        raise PackedFormatError(f"not a qdistill packed file (no '{FORMAT}' marker)")
+    if header.get("version") != str(VERSION):
+        raise PackedFormatError(
+            f"format version {_show(header.get('version'))}; this qdistill reads {VERSION}"
+        )
+    parsed = []
+    for field in ("tensors", "coders", "user"):
+        try:
+            value = json.loads(header[field])
+        except KeyError:
+            raise PackedFormatError(f"damaged metadata (no {field!r} field)") from None
+        except (ValueError, RecursionError) as exc:
+            raise PackedFormatError(f"damaged metadata ({field}: {exc})") from None
+        if not isinstance(value, dict):
+            raise PackedFormatError(f"damaged metadata ({field} must be an object)")
+        parsed.append(value)
+    return parsed[0], parsed[1], parsed[2]
+
+
+def _fields(what: str, value: dict, allowed: set[str]) -> None:
+    """Every field this version writes is checked; one it does not write is damage."""
+    unexpected = sorted(set(value) - allowed, key=str)
+    if unexpected:
+        raise PackedFormatError(f"{what}: unexpected field(s) {_show(unexpected)}")
+
+
+def _shape(name: str, value: object) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) > _MAX_NDIM:
+        raise PackedFormatError(f"{name}: shape must be a list of at most {_MAX_NDIM} sizes")
+    return tuple(_int(d, f"{name}: shape", 0, _MAX_DIM) for d in value)
+
+
+def _spec(name: str, data: object) -> QuantSpec:
+    from compressor.quantizers import MAX_BITS
+    from compressor.spec import SPEC_METHODS
+
+    if not isinstance(data, dict):
+        raise PackedFormatError(f"{name}: spec must be an object, got {_show(data)}")
+    _fields(f"{name}: spec", data, {"method", "bits", "bucket_size", "points"})
+    method = data.get("method")
+    if method not in SPEC_METHODS:
+        raise PackedFormatError(f"{name}: spec method must be one of {SPEC_METHODS}")
+    bits = _int(data.get("bits"), f"{name}: spec bits", 1, MAX_BITS)
+    bucket_size = data.get("bucket_size")
+    if bucket_size is not None:
+        _int(bucket_size, f"{name}: spec bucket_size", 1, _MAX_DIM)
+    points = data.get("points")
+    if points is not None:
+        if not isinstance(points, list) or not 1 <= len(points) <= 2**bits:
+            raise PackedFormatError(f"{name}: spec points must be a list of 1 to {2**bits}")
+        for p in points:
+            if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
+                raise PackedFormatError(f"{name}: quantization point {_show(p)} not in [0, 1]")
+        points = tuple(float(p) for p in points)
     try:
-        spec = QuantSpec.from_dict(entry["spec"])
-    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+        return QuantSpec(method, bits, bucket_size, points)
+    except ValueError as exc:
         raise PackedFormatError(f"{name}: invalid quantization spec ({exc})") from None
-    if spec.points is not None and not all(0.0 <= p <= 1.0 for p in spec.points):
-        raise PackedFormatError(f"{name}: quantization points outside [0, 1]")
-    return spec
 
 
-def _decode_pooled(
-    key: str, coder: dict, entries: dict, payload: Mapping, declared: dict[str, tuple]
-) -> dict[str, np.ndarray]:
-    """Decode one pooled entropy-coded stream and cut it into its tensors' codes."""
-    names = coder.get("tensors")
-    if not isinstance(names, list) or not names or len(set(map(str, names))) != len(names):
+def _entry(name: object, value: object) -> _Entry:
+    if not isinstance(name, str) or not name or _SEP in name:
+        raise PackedFormatError(f"invalid tensor name {_show(name)}")
+    if not isinstance(value, dict):
+        raise PackedFormatError(f"{name}: entry must be an object, got {_show(value)}")
+    if "tied" in value:
+        _fields(name, value, {"tied"})
+        return _Entry(name, "tied", target=_str(value["tied"], f"{name}: tied"))
+    if "raw" in value:
+        _fields(name, value, {"raw"})
+        return _Entry(name, "raw", dtype=_str(value["raw"], f"{name}: raw dtype"))
+    coded = value.get("coding") in ("huffman", "ans")
+    _fields(
+        name,
+        value,
+        {"shape", "dtype", "spec", "coding"} | ({"coder", "code_bits"} if coded else set()),
+    )
+    shape = _shape(name, value.get("shape"))
+    dtype = value.get("dtype")
+    if dtype not in _DTYPES:
+        raise PackedFormatError(
+            f"{name}: dtype must be one of {sorted(_DTYPES)}, got {_show(dtype)}"
+        )
+    spec = _spec(name, value.get("spec"))
+    coding = value.get("coding")
+    if coding not in _CODINGS:
+        raise PackedFormatError(f"{name}: coding must be one of {_CODINGS}, got {_show(coding)}")
+    if coding == "bitpack":
+        return _Entry(name, "quantized", dtype=dtype, shape=shape, spec=spec, coding=coding)
+    numel = math.prod(shape)
+    return _Entry(
+        name,
+        "quantized",
+        dtype=dtype,
+        shape=shape,
+        spec=spec,
+        coding=coding,
+        coder=_str(value.get("coder"), f"{name}: coder"),
+        code_bits=_int(value.get("code_bits"), f"{name}: code_bits", 0, 16 * numel),
+    )
+
+
+def _coder(key: object, value: object, entries: Mapping[str, _Entry], payload: Mapping) -> _Coder:
+    from compressor.quantizers import MAX_BITS
+
+    if not (
+        isinstance(key, str)
+        and 0 < len(key) <= 3
+        and key.isascii()
+        and key.isdigit()
+        and key == str(int(key))
+    ):
+        raise PackedFormatError(f"damaged coder entry {_show(key)}")
+    levels = _int(int(key), "a coder's number of levels", 1, 2**MAX_BITS)
+    if not isinstance(value, dict):
+        raise PackedFormatError(f"coder {key}: must be an object, got {_show(value)}")
+    kind = value.get("kind")
+    if kind not in ("huffman", "ans"):
+        raise PackedFormatError(f"coder {key}: unknown kind {_show(kind)}")
+    huffman = {"lengths", "chunk"} if kind == "huffman" else set()
+    _fields(f"coder {key}", value, {"kind", "tensors", "symbols", "counts"} | huffman)
+    names = value.get("tensors")
+    if (
+        not isinstance(names, list)
+        or not names
+        or not all(isinstance(n, str) for n in names)
+        or len(set(names)) != len(names)
+    ):
         raise PackedFormatError(f"coder {key}: invalid tensor list")
     for name in names:
         entry = entries.get(name)
-        if not isinstance(entry, dict) or entry.get("coder") != key or name not in declared:
+        if entry is None or entry.coding != kind or entry.coder != key:
             raise PackedFormatError(f"coder {key}: lists {name!r}, which does not use it")
-    alphabet = int(key)
-    if {declared[n][1].num_levels for n in names} != {alphabet}:
-        raise PackedFormatError(f"coder {key}: tensors with another number of levels")
-    count = sum(math.prod(declared[n][0]) for n in names)
-    if coder.get("symbols") != count:
+        if entry.spec.num_levels != levels:
+            raise PackedFormatError(f"coder {key}: {name} has {entry.spec.num_levels} levels")
+    symbols = sum(entries[n].numel for n in names)
+    if _int(value.get("symbols"), f"coder {key}: symbols", 1, symbols) != symbols:
         raise PackedFormatError(
-            f"coder {key}: {coder.get('symbols')!r} symbols, tensors hold {count}"
+            f"coder {key}: {value.get('symbols')} symbols, its tensors hold {symbols}"
         )
-    kind = coder.get("kind")
+    counts = _ints(value.get("counts"), f"coder {key}: counts", levels, 0, symbols)
+    if int(counts.sum()) != symbols:
+        raise PackedFormatError(f"coder {key}: histogram of {counts.sum()} for {symbols} symbols")
+    stream_key = f"{_SEP}{key}{_SEP}stream"
+    if kind == "ans":
+        words = _array(payload, stream_key, np.uint32)
+        if not entropy.ans_fits(symbols, counts, words.size):
+            raise PackedFormatError(
+                f"coder {key}: {symbols} weights claimed from a {4 * words.size}-byte rANS "
+                f"stream, which holds at most {entropy.ans_max_symbols(counts, words.size)}"
+            )
+        return _Coder(key, levels, kind, tuple(names), symbols, counts)
+    lengths = _ints(value.get("lengths"), f"coder {key}: lengths", levels, 0, 64)
     try:
-        if kind == "huffman":
-            stream = _array(payload, f"{_SEP}{key}{_SEP}stream", np.uint8)
-            chunks = _array(payload, f"{_SEP}{key}{_SEP}chunks", np.uint32)
-            lengths = entropy.check_lengths(np.asarray(coder.get("lengths")), alphabet)
-            chunk = _int(coder.get("chunk"), f"coder {key}: chunk", 1, 1 << 16)
-            if count > 8 * stream.size:
-                raise PackedFormatError(f"coder {key}: {count} weights in {stream.size} bytes")
-            symbols = entropy.huffman_decode(stream, chunks, lengths, count, chunk)
-        elif kind == "ans":
-            if not entropy.ans_available():
-                raise PackedFormatError("the file is rANS-coded; install 'constriction' to read it")
-            words = _array(payload, f"{_SEP}{key}{_SEP}stream", np.uint32)
-            counts = np.asarray(coder.get("counts"))
-            if (
-                counts.shape != (alphabet,)
-                or counts.dtype.kind not in "iu"
-                or counts.min() < 0
-                or not counts.sum()
-            ):
-                raise PackedFormatError(f"coder {key}: invalid rANS histogram")
-            if count > max(_MAX_WEIGHTS_PER_BIT * 32 * words.size, _ANS_FREE_SYMBOLS):
-                raise PackedFormatError(f"coder {key}: {count} weights in {words.size} words")
-            symbols = entropy.ans_decode(words, counts, count)
-        else:
-            raise PackedFormatError(f"coder {key}: unknown kind {kind!r}")
+        lengths = entropy.check_lengths(lengths, levels)
     except entropy.CodingError as exc:
         raise PackedFormatError(f"coder {key}: {exc}") from None
+    if ((counts > 0) & (lengths == 0)).any():
+        raise PackedFormatError(f"coder {key}: a counted symbol has no Huffman code")
+    chunk = _int(value.get("chunk"), f"coder {key}: chunk", 1, 1 << 16)
+    stream = _array(payload, stream_key, np.uint8)
+    _array(payload, f"{_SEP}{key}{_SEP}chunks", np.uint32, -(-symbols // chunk))
+    if symbols > 8 * stream.size:
+        raise PackedFormatError(f"coder {key}: {symbols} weights in {stream.size} bytes")
+    return _Coder(key, levels, kind, tuple(names), symbols, counts, lengths, chunk)
+
+
+def _layout(header: Mapping[str, str], payload: Mapping) -> tuple[dict, dict, dict]:
+    """The validated entries, coders and user metadata; nothing decoded yet."""
+    raw_entries, raw_coders, user = _parse_header(header)
+    if header.get("checksum") != _checksum(header, payload):
+        raise PackedFormatError("checksum mismatch: the file is corrupted")
+    entries = {name: _entry(name, value) for name, value in raw_entries.items()}
+    expected = set()
+    for e in entries.values():
+        if e.kind == "tied":
+            target = entries.get(e.target)
+            if target is None or target.kind == "tied":
+                what = "missing" if target is None else "itself tied"
+                what = "itself" if e.target == e.name else f"{e.target!r}, which is {what}"
+                raise PackedFormatError(f"{e.name} is tied to {what}")
+        elif e.kind == "raw":
+            _raw_array(e, payload)
+            expected.add(e.name)
+        else:
+            buckets = e.spec.num_buckets(e.numel)
+            for part in ("offset", "scale"):
+                _array(payload, f"{e.name}{_SEP}{part}", np.float32, buckets)
+                expected.add(f"{e.name}{_SEP}{part}")
+            if e.coding == "bitpack":
+                key = f"{e.name}{_SEP}codes"
+                _array(payload, key, np.uint8, bitpack.packed_nbytes(e.numel, e.spec.bits))
+                expected.add(key)
+            elif e.coder not in raw_coders:
+                raise PackedFormatError(f"{e.name}: no coder {e.coder!r} in the file")
+    coders = {}
+    for key, value in raw_coders.items():
+        coders[key] = _coder(key, value, entries, payload)
+        expected.update(f"{_SEP}{key}{_SEP}{part}" for part in ("stream", "chunks"))
+    for e in entries.values():
+        if e.coder and e.name not in coders[e.coder].names:
+            raise PackedFormatError(f"{e.name}: not listed by its coder {e.coder}")
+    unexpected = sorted(set(payload) - expected)
+    if unexpected:
+        raise PackedFormatError(f"payload tensors the metadata does not describe: {unexpected[:3]}")
+    return entries, coders, user
+
+
+def _histogram(symbols: np.ndarray, levels: int) -> np.ndarray:
+    counts = np.zeros(levels, dtype=np.int64)
+    for start in range(0, symbols.size, _HISTOGRAM_BLOCK):
+        found = np.bincount(symbols[start : start + _HISTOGRAM_BLOCK], minlength=levels)
+        if found.size > levels:
+            raise PackedFormatError(f"an index beyond the {levels} levels")
+        counts += found
+    return counts
+
+
+def _decode_pooled(coder: _Coder, entries: Mapping, payload: Mapping) -> dict[str, np.ndarray]:
+    """Decode one pooled entropy-coded stream and cut it into its tensors' codes."""
+    stream = payload[f"{_SEP}{coder.key}{_SEP}stream"]
+    try:
+        if coder.kind == "huffman":
+            chunks = payload[f"{_SEP}{coder.key}{_SEP}chunks"]
+            symbols = entropy.huffman_decode(
+                stream, chunks, coder.lengths, coder.symbols, coder.chunk
+            )
+        else:
+            if not entropy.ans_available():
+                raise PackedFormatError("the file is rANS-coded; install 'constriction' to read it")
+            symbols = entropy.ans_decode(stream, coder.counts, coder.symbols)
+    except entropy.CodingError as exc:
+        raise PackedFormatError(f"coder {coder.key}: {exc}") from None
+    if not np.array_equal(_histogram(symbols, coder.levels), coder.counts):
+        raise PackedFormatError(f"coder {coder.key}: the stream does not match its histogram")
     out, start = {}, 0
-    for name in names:
-        numel = math.prod(declared[name][0])
+    for name in coder.names:
+        numel = entries[name].numel
         out[name] = symbols[start : start + numel]
         start += numel
     return out
 
 
-def _quantized_tensor(
-    name: str, entry: dict, spec: QuantSpec, shape: tuple, payload: Mapping, pooled: Mapping
-) -> torch.Tensor:
-    numel = math.prod(shape)
-    dtype = _DTYPES.get(entry.get("dtype"))
-    if dtype is None:
-        raise PackedFormatError(f"{name}: unsupported dtype {entry.get('dtype')!r}")
-    offset = _array(payload, f"{name}{_SEP}offset", np.float32)
-    scale = _array(payload, f"{name}{_SEP}scale", np.float32)
-    if offset.size != spec.num_buckets(numel) or scale.size != offset.size:
-        raise PackedFormatError(
-            f"{name}: {offset.size} buckets stored, shape {list(shape)} with bucket "
-            f"size {spec.bucket_size} needs {spec.num_buckets(numel)}"
-        )
-    coding = entry.get("coding")
-    if coding == "bitpack":
-        data = _array(payload, f"{name}{_SEP}codes", np.uint8)
+def _quantized_tensor(entry: _Entry, payload: Mapping, pooled: Mapping) -> torch.Tensor:
+    spec = entry.spec
+    if entry.coding == "bitpack":
         try:
-            codes = bitpack.unpack_bits(data, spec.bits, numel)
+            codes = bitpack.unpack_bits(payload[f"{entry.name}{_SEP}codes"], spec.bits, entry.numel)
         except bitpack.BitPackError as exc:
-            raise PackedFormatError(f"{name}: {exc}") from None
-    elif coding in ("huffman", "ans") and name in pooled:
-        codes = pooled[name]
+            raise PackedFormatError(f"{entry.name}: {exc}") from None
     else:
-        raise PackedFormatError(f"{name}: unknown or unlisted coding {coding!r}")
+        codes = pooled[entry.name]
     if codes.size and int(codes.max()) >= spec.num_levels:
-        raise PackedFormatError(f"{name}: a code exceeds the {spec.num_levels} levels")
+        raise PackedFormatError(f"{entry.name}: a code exceeds the {spec.num_levels} levels")
     encoded = BucketCodes(
         torch.from_numpy(np.ascontiguousarray(codes)),
-        torch.from_numpy(offset.copy()),
-        torch.from_numpy(scale.copy()),
+        torch.from_numpy(payload[f"{entry.name}{_SEP}offset"].copy()),
+        torch.from_numpy(payload[f"{entry.name}{_SEP}scale"].copy()),
     )
-    return spec.decode(encoded, shape, dtype)
+    return spec.decode(encoded, entry.shape, _DTYPES[entry.dtype])
 
 
-def _raw_tensor(name: str, dtype_name: object, payload: Mapping) -> torch.Tensor:
-    if name not in payload:
-        raise PackedFormatError(f"missing tensor {name!r}")
-    array = payload[name]
-    if dtype_name == "bfloat16":
+def _raw_array(entry: _Entry, payload: Mapping) -> np.ndarray:
+    if entry.name not in payload:
+        raise PackedFormatError(f"missing tensor {entry.name!r}")
+    array = payload[entry.name]
+    if entry.dtype == "bfloat16":
         if array.dtype != np.int16:
-            raise PackedFormatError(f"{name}: bfloat16 tensors are stored as int16 bits")
-        return torch.from_numpy(array.copy()).view(torch.bfloat16)
-    if dtype_name != str(array.dtype):
-        raise PackedFormatError(f"{name}: dtype {array.dtype} but metadata says {dtype_name}")
-    return torch.from_numpy(array.copy())
+            raise PackedFormatError(f"{entry.name}: bfloat16 tensors are stored as int16 bits")
+    elif entry.dtype != str(array.dtype):
+        raise PackedFormatError(
+            f"{entry.name}: dtype {array.dtype} but metadata says {_show(entry.dtype)}"
+        )
+    return array
 
 
-def _load(path: object, payload: Mapping, header: Mapping) -> tuple[dict, dict]:
-    entries, coders, user = _parse_header(path, header)
-    if header.get("checksum") != _checksum(header, payload):
-        raise PackedFormatError("checksum mismatch: the file is corrupted")
-    declared = {}
-    for name, entry in entries.items():
-        if "tied" not in entry and "raw" not in entry:
-            declared[name] = (_shape(name, entry), _spec(name, entry))
+def _raw_tensor(entry: _Entry, payload: Mapping) -> torch.Tensor:
+    tensor = torch.from_numpy(_raw_array(entry, payload).copy())
+    return tensor.view(torch.bfloat16) if entry.dtype == "bfloat16" else tensor
+
+
+def _load(payload: Mapping, header: Mapping) -> tuple[dict, dict]:
+    entries, coders, user = _layout(header, payload)
     pooled: dict[str, np.ndarray] = {}
-    for key, coder in coders.items():
-        if not key.isdigit() or not isinstance(coder, dict):
-            raise PackedFormatError(f"damaged coder entry {key!r}")
-        pooled.update(_decode_pooled(key, coder, entries, payload, declared))
+    for coder in coders.values():
+        pooled.update(_decode_pooled(coder, entries, payload))
     state: dict[str, torch.Tensor] = {}
-    ties = {}
     for name, entry in entries.items():
-        if "tied" in entry:
-            ties[name] = entry["tied"]
-        elif "raw" in entry:
-            state[name] = _raw_tensor(name, entry["raw"], payload)
-        else:
-            shape, spec = declared[name]
-            state[name] = _quantized_tensor(name, entry, spec, shape, payload, pooled)
-    for name, target in ties.items():
-        if not isinstance(target, str) or target not in state:
-            raise PackedFormatError(f"{name} is tied to missing tensor {target!r}")
-        state[name] = state[target]
+        if entry.kind == "raw":
+            state[name] = _raw_tensor(entry, payload)
+        elif entry.kind == "quantized":
+            state[name] = _quantized_tensor(entry, payload, pooled)
+            pooled.pop(name, None)  # its codes are no longer needed
+    for name, entry in entries.items():
+        if entry.kind == "tied":
+            state[name] = state[entry.target]
     return {name: state[name] for name in entries}, user
+
+
+def _guarded(path: object, work):  # noqa: ANN001, ANN202
+    """Run ``work``; any error a malformed file can cause becomes a PackedFormatError."""
+    try:
+        return work()
+    except PackedFormatError as exc:
+        raise PackedFormatError(f"{path}: {exc}") from None
+    except (TypeError, ValueError, KeyError, IndexError, OverflowError, AttributeError) as exc:
+        # A safety net: _layout checks every field, so reaching here is a loader bug.
+        raise PackedFormatError(f"{path}: damaged metadata ({type(exc).__name__}: {exc})") from None
+    except (RuntimeError, ArithmeticError) as exc:  # torch refusing a shape or size
+        raise PackedFormatError(f"{path}: inconsistent tensor ({exc})") from None
 
 
 def load_packed(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -547,15 +732,7 @@ def load_packed(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]
     Raises :class:`PackedFormatError` (saying what is wrong) for any file that is not a
     valid packed file, and ``FileNotFoundError`` for a missing one."""
     payload, header = _read(path)
-    try:
-        return _load(path, payload, header)
-    except PackedFormatError as exc:
-        raise PackedFormatError(f"{path}: {exc}") from None
-    except (TypeError, ValueError, KeyError, IndexError, OverflowError, AttributeError) as exc:
-        # Every field of the metadata is untrusted: a malformed one is a damaged file.
-        raise PackedFormatError(f"{path}: damaged metadata ({type(exc).__name__}: {exc})") from None
-    except RuntimeError as exc:  # torch refusing a shape or size that the checks let through
-        raise PackedFormatError(f"{path}: inconsistent tensor ({exc})") from None
+    return _guarded(path, lambda: _load(payload, header))
 
 
 def is_packed(path: str | os.PathLike) -> bool:
@@ -569,7 +746,7 @@ def is_packed(path: str | os.PathLike) -> bool:
                 return False
             metadata = json.loads(handle.read(header_len)).get("__metadata__") or {}
         return isinstance(metadata, dict) and metadata.get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return False
 
 
@@ -584,77 +761,71 @@ def packed_info(path: str | os.PathLike) -> list[PackedTensorInfo]:
 
 
 def packed_summary(path: str | os.PathLike) -> tuple[list[PackedTensorInfo], list[PackedCoderInfo]]:
-    """Per-tensor storage and per-coder statistics of a packed file, without decoding it."""
+    """Per-tensor storage and per-coder statistics of a packed file, without decoding it
+    (every field validated as :func:`load_packed` does)."""
     payload, header = _read(path)
-    try:
-        entries, coders, _ = _parse_header(path, header)
-        if header.get("checksum") != _checksum(header, payload):
-            raise PackedFormatError("checksum mismatch: the file is corrupted")
+
+    def summary() -> tuple[list[PackedTensorInfo], list[PackedCoderInfo]]:
+        entries, coders, _ = _layout(header, payload)
         return _info_rows(payload, entries), _coder_rows(payload, coders)
-    except PackedFormatError as exc:
-        raise PackedFormatError(f"{path}: {exc}") from None
-    except (TypeError, ValueError, KeyError, IndexError, OverflowError, AttributeError) as exc:
-        raise PackedFormatError(f"{path}: damaged metadata ({exc})") from None
+
+    return _guarded(path, summary)
 
 
-def _coder_rows(payload: Mapping, coders: dict) -> list[PackedCoderInfo]:
+def _coder_rows(payload: Mapping, coders: Mapping[str, _Coder]) -> list[PackedCoderInfo]:
     rows = []
-    for key, coder in sorted(coders.items()):
+    for key, coder in sorted(coders.items(), key=lambda item: item[1].levels):
         stored = sum(
             int(payload[k].nbytes)
             for k in (f"{_SEP}{key}{_SEP}stream", f"{_SEP}{key}{_SEP}chunks")
             if k in payload
         )
-        hist = np.asarray(coder.get("counts", []), dtype=np.int64)
         rows.append(
             PackedCoderInfo(
-                levels=int(key),
-                kind=str(coder.get("kind")),
-                symbols=int(coder.get("symbols", 0)),
+                levels=coder.levels,
+                kind=coder.kind,
+                symbols=coder.symbols,
                 stream_bytes=stored,
-                entropy_bits=entropy.entropy_bits(hist),
+                entropy_bits=entropy.entropy_bits(coder.counts),
             )
         )
     return rows
 
 
-def _info_rows(payload: Mapping, entries: dict) -> list[PackedTensorInfo]:
+def _info_rows(payload: Mapping, entries: Mapping[str, _Entry]) -> list[PackedTensorInfo]:
     rows = []
     for name, entry in entries.items():
-        if "tied" in entry:
-            target = entries.get(entry["tied"], {})
-            shape = target.get("shape") or list(payload.get(entry["tied"], np.zeros(0)).shape)
+        if entry.kind == "tied":
+            target = entries[entry.target]
+            shape = target.shape if target.kind == "quantized" else payload[target.name].shape
             rows.append(
                 PackedTensorInfo(
-                    name, tuple(shape), "tied", None, f"tied to {entry['tied']}", 0, None
+                    name, tuple(shape), "tied", None, f"tied to {entry.target}", 0, None
                 )
             )
-            continue
-        if "raw" in entry:
-            array = payload.get(name, np.zeros(0))
+        elif entry.kind == "raw":
+            array = payload[name]
             rows.append(
                 PackedTensorInfo(
-                    name, tuple(array.shape), str(entry["raw"]), None, "raw", array.nbytes, None
+                    name, tuple(array.shape), entry.dtype, None, "raw", int(array.nbytes), None
                 )
             )
-            continue
-        shape = _shape(name, entry)
-        spec = _spec(name, entry)
-        numel = math.prod(shape)
-        side = sum(int(payload[f"{name}{_SEP}{k}"].nbytes) for k in ("offset", "scale"))
-        if entry.get("coding") == "bitpack":
-            code_bytes = float(payload[f"{name}{_SEP}codes"].nbytes)
         else:
-            code_bytes = _int(entry.get("code_bits"), f"{name}: code_bits", 0, 16 * numel) / 8
-        rows.append(
-            PackedTensorInfo(
-                name,
-                shape,
-                str(entry.get("dtype")),
-                spec,
-                str(entry.get("coding")),
-                int(round(side + code_bytes)),
-                8 * code_bytes / numel if numel else 0.0,
+            numel = entry.numel
+            side = sum(int(payload[f"{name}{_SEP}{k}"].nbytes) for k in ("offset", "scale"))
+            if entry.coding == "bitpack":
+                code_bytes = float(payload[f"{name}{_SEP}codes"].nbytes)
+            else:
+                code_bytes = entry.code_bits / 8
+            rows.append(
+                PackedTensorInfo(
+                    name,
+                    entry.shape,
+                    entry.dtype,
+                    entry.spec,
+                    entry.coding,
+                    int(round(side + code_bytes)),
+                    8 * code_bytes / numel if numel else 0.0,
+                )
             )
-        )
     return rows

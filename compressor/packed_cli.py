@@ -5,25 +5,37 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import tempfile
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
 from compressor.cli import UsageError
+from compressor.files import WRITTEN_BY, check_output
 
-
-def _output_path(path: str) -> Path:
-    p = Path(path)
-    if not p.parent.is_dir():
-        raise UsageError(f"no such directory: {p.parent} (for -o {path})")
-    return p
+UNPACKED_BY = "qdistill unpack"
 
 
 def _existing_file(path: str) -> Path:
     p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{path} is a directory; give a file")
     if not p.is_file():
         raise UsageError(f"no such file: {path}")
     return p
+
+
+def _looks_like_text(path: Path) -> bool:
+    """Whether a file that ``torch.load`` refused starts as no file that ``torch.save``
+    writes does (a zip archive, or a pickle for the legacy format) but as text."""
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+    if not head or head.startswith((b"PK\x03\x04", b"\x80")):
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:  # a multi-byte character cut at the end is still text
+        return exc.start >= len(head) - 3
+    return True
 
 
 CHECKPOINT_FORMATS = "qdistill.checkpoint_formats"
@@ -52,19 +64,31 @@ def load_checkpoint_state(path: str | os.PathLike) -> tuple[dict, dict, dict]:
     settings, if any, and the metadata a packed file needs to rebuild the checkpoint."""
     import torch
 
+    from compressor.packed import is_packed
+
     path = Path(path)
+    if is_packed(path):
+        raise UsageError(f"{path} is already a packed file (qdistill unpack turns it back)")
+    text = (
+        f"{path}: a text file, not a checkpoint; give the .pt file that torch.save wrote "
+        "(a state dict, or a dict with a 'model' key) or a .safetensors file"
+    )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path)), {}, {}
         except Exception as exc:
+            if path.is_file() and _looks_like_text(path):
+                raise UsageError(text) from None
             raise UsageError(f"{path}: not a readable safetensors file ({exc})") from None
-    from compressor.checkpoints import CheckpointError, load_checkpoint
+    from compressor.files import CheckpointError, load_checkpoint
 
     try:
         checkpoint = load_checkpoint(path)
     except CheckpointError as exc:
+        if path.is_file() and _looks_like_text(path):
+            raise UsageError(text) from None
         raise UsageError(str(exc)) from None
     if not isinstance(checkpoint, Mapping):
         raise UsageError(f"{path}: expected a state dict or a dict with a 'model' key")
@@ -104,7 +128,7 @@ def pack_checkpoint(
     tensors must hold quantized values and are stored exactly (verified bit for bit); the
     ``shadow`` weights of a training checkpoint give the codes of learned (differentiable)
     grids. Returns the size of the written file in bytes."""
-    from compressor.packed import save_packed
+    from compressor.packed import _storage_key, save_packed
     from compressor.quantizers import quantile_points
     from compressor.spec import QuantSpec
 
@@ -116,7 +140,14 @@ def pack_checkpoint(
         }
         tensors = dict(state)
     else:
+        first_of_storage: dict[tuple, str] = {}
         for name, value in state.items():
+            if value.numel():
+                key = _storage_key(value)
+                if key in first_of_storage:  # tied: quantized once, and stored once
+                    tensors[name] = tensors[first_of_storage[key]]
+                    continue
+                first_of_storage[key] = name
             chosen = (
                 value.is_floating_point()
                 and value.dim() >= 2
@@ -196,8 +227,9 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _pack(args: argparse.Namespace) -> int:
+    from compressor.packed import is_packed
+
     source = _existing_file(args.checkpoint)
-    _output_path(args.output)
     if not 1 <= args.bits <= 8:
         raise UsageError(f"--bits must be from 1 to 8, got {args.bits}")
     if args.bucket_size is not None and args.bucket_size <= 0:
@@ -208,6 +240,7 @@ def _pack(args: argparse.Namespace) -> int:
                 re.compile(pattern)
             except re.error as exc:
                 raise UsageError(f"{option}: {pattern!r} is not a valid regex ({exc})") from None
+    check_output(args.output, [source], force=args.force, ours=is_packed, what="qdistill pack")
     state, recorded, metadata = load_checkpoint_state(source)
     entropy = None if args.entropy == "none" else args.entropy
     try:
@@ -231,37 +264,67 @@ def _pack(args: argparse.Namespace) -> int:
     return 0
 
 
-def _unpack(args: argparse.Namespace) -> int:
-    import torch
+def unpacked_by_us(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a file that ``qdistill unpack`` wrote: a .safetensors file whose
+    metadata, or a .pt checkpoint whose top-level dict (or, for a plain state dict, whose
+    ``_metadata``, which ``load_state_dict`` ignores), carries :data:`WRITTEN_BY`. A file
+    that does not load is not."""
+    from compressor.files import load_checkpoint
 
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                return WRITTEN_BY in (handle.metadata() or {})
+        checkpoint = load_checkpoint(path)
+    except Exception:  # CheckpointError, OSError, and safetensors' own error types
+        return False
+    if not isinstance(checkpoint, Mapping):
+        return False
+    marker = getattr(checkpoint, "_metadata", None)
+    return WRITTEN_BY in checkpoint or (isinstance(marker, Mapping) and WRITTEN_BY in marker)
+
+
+def _unpack(args: argparse.Namespace) -> int:
+    from compressor.files import atomic_save, atomic_write_bytes
     from compressor.packed import PackedFormatError, load_packed
 
     source = _existing_file(args.file)
-    output = _output_path(args.output)
+    output = Path(args.output)
     if output.suffix not in (".pt", ".safetensors"):
         raise UsageError(f"-o must end in .pt or .safetensors, got {output.name}")
+    check_output(output, [source], force=args.force, ours=unpacked_by_us, what="qdistill unpack")
     try:
         state, metadata = load_packed(source)
     except PackedFormatError as exc:
         raise UsageError(str(exc)) from None
-    from compressor.packed import default_file_mode
+    plugin = checkpoint_formats().get(metadata.get("checkpoint_format"))
+    if output.suffix == ".safetensors":
+        from safetensors.torch import save
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent or ".")
-    os.fchmod(fd, default_file_mode())
-    os.close(fd)
-    try:
-        plugin = checkpoint_formats().get(metadata.get("checkpoint_format"))
-        if plugin is not None and output.suffix == ".pt":
-            torch.save(plugin.to_checkpoint(state, metadata), tmp)
-        elif output.suffix == ".pt":
-            torch.save(state, tmp)
-        else:
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in state.items()}, tmp)
-        os.replace(tmp, output)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+        tensors, seen = {}, set()
+        for name, value in state.items():  # safetensors stores no shared (tied) tensors
+            storage = value.untyped_storage().data_ptr()
+            tensors[name] = value.contiguous().clone() if storage in seen else value.contiguous()
+            seen.add(storage)
+        atomic_write_bytes(output, save(tensors, {WRITTEN_BY: UNPACKED_BY}))
+    elif plugin is not None:
+        try:
+            checkpoint = plugin.to_checkpoint(state, metadata)
+        except ValueError as exc:
+            raise UsageError(f"{source}: {exc}") from None
+        if isinstance(checkpoint, dict):
+            checkpoint[WRITTEN_BY] = UNPACKED_BY
+        atomic_save(checkpoint, output)
+    else:
+        # A plain state dict: a key of our own would upset load_state_dict, but the
+        # ``_metadata`` it carries (module versions) survives torch.load(weights_only=True)
+        # and is only ever looked up by module prefix.
+        plain = OrderedDict(state)
+        plain._metadata = {WRITTEN_BY: {"command": UNPACKED_BY}}
+        atomic_save(plain, output)
     print(f"wrote {output}: {len(state)} tensors")
     return 0
 
@@ -289,6 +352,9 @@ def register_pack(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="ignore quantization settings recorded in the checkpoint",
     )
+    p.add_argument(
+        "--force", action="store_true", help="replace -o if it is a packed file written before"
+    )
     p.set_defaults(func=_pack)
 
 
@@ -296,4 +362,7 @@ def register_unpack(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("unpack", help="decode a packed file to a .pt or .safetensors")
     p.add_argument("file")
     p.add_argument("-o", "--output", required=True)
+    p.add_argument(
+        "--force", action="store_true", help="replace -o if it is an earlier unpack's output"
+    )
     p.set_defaults(func=_unpack)

@@ -4,17 +4,16 @@ checkpoint, the paper's PM baseline. The output is an ordinary OpenNMT checkpoin
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from compressor.cli import UsageError
 
+COMMAND = "onmt-quantize"
+
 
 def _quantize(args: argparse.Namespace) -> int:
-    import torch
-
     import compressor
-    from compressor.checkpoints import CheckpointError, load_checkpoint
+    from compressor.files import WRITTEN_BY, atomic_save, check_output, load_checkpoint, written_by
     from onmt_plugin.checkpoint import split_generator
 
     source = Path(args.checkpoint)
@@ -22,10 +21,15 @@ def _quantize(args: argparse.Namespace) -> int:
         raise UsageError(f"no such file: {source}")
     if not 1 <= args.bits <= 8:
         raise UsageError(f"--bits must be from 1 to 8, got {args.bits}")
-    try:
-        checkpoint = load_checkpoint(source)
-    except CheckpointError as exc:
-        raise UsageError(str(exc)) from None
+    if args.bucket_size <= 0:
+        raise UsageError(
+            f"--bucket-size must be a positive number of weights, got {args.bucket_size}"
+        )
+    out = check_output(
+        args.output, [source], force=args.force, ours=lambda p: written_by(p) == COMMAND,
+        what=f"qdistill {COMMAND}",
+    )  # fmt: skip
+    checkpoint = load_checkpoint(source)
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "opt" not in checkpoint:
         raise UsageError(f"{source}: not an OpenNMT-py checkpoint (no 'model'/'opt')")
     state = {
@@ -47,20 +51,21 @@ def _quantize(args: argparse.Namespace) -> int:
     checkpoint["model"], checkpoint["generator"] = split_generator(state)
     checkpoint["qdistill"] = {"specs": specs, "post_training": True, "format": 1}
     checkpoint.pop("optim", None)  # a quantized copy is for translation, not for resuming
-    out = Path(args.output)
-    tmp = out.with_name(f".{out.name}.tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, out)
+    checkpoint[WRITTEN_BY] = COMMAND
+    atomic_save(checkpoint, out)
     print(f"wrote {out}: {len(specs)} weight tensors quantized to {args.bits} bits")
     return 0
 
 
 def register_quantize(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "onmt-quantize", help="post-training quantization of an OpenNMT-py checkpoint"
+        COMMAND, help="post-training quantization of an OpenNMT-py checkpoint"
     )
     p.add_argument("checkpoint")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--bucket-size", type=int, default=256)
+    p.add_argument(
+        "--force", action="store_true", help=f"replace OUTPUT if an earlier {COMMAND} wrote it"
+    )
     p.set_defaults(func=_quantize)

@@ -34,6 +34,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from compressor.files import atomic_write_json, check_output
+
 # OpenNMT-py 3.5 ends a run with -tgt by the mean gold score per sentence and the count.
 _GOLD = re.compile(r"GOLD SCORE: (-?[0-9.]+(?:e[-+]?\d+)?), GOLD PPL: \S+ NB SENTENCES: (\d+)")
 
@@ -64,6 +66,17 @@ def _read_lines(path: str | os.PathLike) -> list[str]:
         raise UsageError(
             f"cannot read {path}: {error.strerror}; give an existing text file"
         ) from None
+    except UnicodeDecodeError:
+        raise UsageError(
+            f"{path} is not UTF-8 text (a binary file?); give a text file, one sentence a line"
+        ) from None
+
+
+def is_eval_json(path: Path) -> bool:
+    """Whether ``path`` holds metrics that ``onmt-eval --json`` wrote (a list of its rows)."""
+    rows = json.loads(path.read_text(encoding="utf-8"))
+    keys = set(EvalRow.__dataclass_fields__)
+    return isinstance(rows, list) and all(isinstance(r, dict) and set(r) == keys for r in rows)
 
 
 def score_lines(hyps: list[str], refs: list[str]) -> tuple[float, float, str, str]:
@@ -154,7 +167,19 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.models and not args.hyp:
         raise UsageError("give at least one checkpoint (NAME=PATH) or --hyp FILE")
+    if args.batch_size <= 0 or args.beam_size <= 0:
+        raise UsageError("--batch-size and --beam-size must be positive")
+    if args.json:
+        # Checked before the evaluation, which may take long: every file named is an input.
+        inputs = [args.ref, args.src, args.src_subword_model, args.tgt_subword_model]
+        inputs += [_named(spec)[1] for spec in [*args.models, *(args.hyp or [])]]
+        check_output(
+            args.json, [p for p in inputs if p], force=args.force, ours=is_eval_json,
+            what="qdistill onmt-eval --json",
+        )  # fmt: skip
     refs = _read_lines(args.ref)
+    if args.src is not None:
+        _read_lines(args.src)
     rows: list[EvalRow] = []
     hyps_by_name: dict[str, list[str]] = {}
     extra = ["-gpu", "-1", "-batch_size", str(args.batch_size), "-beam_size", str(args.beam_size)]
@@ -202,10 +227,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"BLEU signature: {rows[0].extra['bleu_signature']}")
         print(f"chrF signature: {rows[0].extra['chrf_signature']}")
     if args.json:
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump([asdict(r) for r in rows], handle, indent=2)
-        os.replace(tmp, args.json)
+        atomic_write_json(args.json, [asdict(r) for r in rows])
     return 0
 
 
@@ -221,6 +243,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", help="NAME whose file size is the compression baseline")
     p.add_argument("--teacher", help="NAME whose hypotheses define agreement (BLEU vs teacher)")
     p.add_argument("--json", help="write the metrics as JSON to this path")
+    p.add_argument(
+        "--force", action="store_true", help="replace the --json file of an earlier onmt-eval"
+    )
     p.add_argument("--src-subword-model", help="sentencepiece model of the source side")
     p.add_argument("--tgt-subword-model", help="sentencepiece model of the target side")
     p.add_argument("--batch-size", type=int, default=64)

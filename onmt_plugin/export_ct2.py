@@ -13,12 +13,10 @@ for bit; ``int8`` and friends requantize them with CTranslate2's own per-row sch
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from compressor.cli import UsageError
+from compressor.files import atomic_directory, atomic_save, check_output_dir, write_export_marker
 
 QUANTIZATIONS = ("float32", "int8", "int8_float32", "int16", "float16", "bfloat16",
                  "int8_float16", "int8_bfloat16")  # fmt: skip
@@ -28,7 +26,7 @@ _SAME_ATTENTION = {"scaled-dot-flash": "scaled-dot"}
 
 def load_onmt_checkpoint(path: Path) -> dict:
     """An OpenNMT-py checkpoint from a ``.pt`` file or a packed file, loaded safely."""
-    from compressor.checkpoints import CheckpointError, load_checkpoint
+    from compressor.files import CheckpointError, load_checkpoint
     from compressor.packed import PackedFormatError, is_packed
     from onmt_plugin import packing
 
@@ -61,37 +59,39 @@ def converter_input(checkpoint: dict, source: Path) -> dict:
     return {key: checkpoint[key] for key in ("model", "generator", "vocab")} | {"opt": opt}
 
 
-def export(source: Path, output_dir: Path, quantization: str = "float32",
-           force: bool = False) -> Path:  # fmt: skip
+def export(
+    source: Path, output_dir: Path, quantization: str = "float32", force: bool = False
+) -> Path:
     """Convert ``source`` into the CTranslate2 model directory ``output_dir``.
 
     The directory appears complete or not at all: it is written under a temporary name beside
-    the target and renamed. Raises :class:`UsageError` for what the user can fix."""
+    the target and renamed. An existing ``output_dir`` is replaced only with ``force`` and only
+    when it is an earlier export of ours that holds nothing else (a marker file lists what we
+    wrote), never one that contains the source or the working directory. Raises
+    :class:`UsageError` or :class:`compressor.files.OutputError` for what the user can fix."""
     import torch
 
     try:
         from ctranslate2.converters import OpenNMTPyConverter
     except ImportError:
         raise UsageError("CTranslate2 is not installed: pip install 'qdistill[onmt]'") from None
-    if output_dir.exists() and not force:
-        raise UsageError(f"{output_dir} exists; remove it or pass --force to replace it")
+    check_output_dir(output_dir, [source], force=force)
     clean = converter_input(load_onmt_checkpoint(source), source)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{output_dir.name}.", dir=output_dir.parent) as tmp:
-        checkpoint = Path(tmp) / "checkpoint.pt"
-        torch.save(clean, checkpoint)
-        staged = Path(tmp) / "model"
-        converter = OpenNMTPyConverter(str(checkpoint))  # loads with weights_only=True
+    with atomic_directory(output_dir) as staging:
+        checkpoint = staging.parent / f"{staging.name}.checkpoint.pt"
         try:
+            atomic_save(clean, checkpoint)
+            converter = OpenNMTPyConverter(str(checkpoint))  # loads with weights_only=True
             # Our copy holds only tensors, lists and the options' argparse.Namespace.
             with torch.serialization.safe_globals([argparse.Namespace]):
-                converter.convert(str(staged), quantization=quantization)
+                converter.convert(str(staging), quantization=quantization, force=True)
         except (ValueError, NotImplementedError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise UsageError(f"{source}: CTranslate2 cannot convert it: {first}") from None
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(staged, output_dir)
+        finally:
+            checkpoint.unlink(missing_ok=True)
+        write_export_marker(staging, command="onmt-export-ct2", source=str(source),
+                            quantization=quantization)  # fmt: skip
     return output_dir
 
 
@@ -119,5 +119,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="CTranslate2 model directory to write")
     p.add_argument("--quantization", default="float32", choices=QUANTIZATIONS,
                    help="CTranslate2 weight type (default: float32, exact)")  # fmt: skip
-    p.add_argument("--force", action="store_true", help="replace the output directory")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace OUTPUT if it is an earlier export of this command (nothing else)",
+    )
     p.set_defaults(func=_export)

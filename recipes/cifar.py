@@ -20,10 +20,17 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 import compressor
+from compressor.files import (
+    CheckpointError,
+    atomic_save,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_checkpoint,
+)
 from compressor.packed import entropy_ans_available
 from recipes import small_runs as runs
 
@@ -33,20 +40,29 @@ CONFIGURATIONS = (
 )  # fmt: skip
 
 
-def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _fp32_bytes(model: nn.Module, path: Path) -> int:
     state = (
         compressor.shadow_state_dict(model)
         if list(compressor.quantized_tensors(model))
         else model.state_dict()
     )
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    return path.stat().st_size
+    return atomic_write_bytes(
+        path, safetensors_bytes({k: v.contiguous() for k, v in state.items()})
+    )
+
+
+def _cached_result(path: Path) -> dict | None:
+    """A configuration's earlier result, or None (absent, or unreadable: then redone)."""
+    if not path.exists():
+        return None
+    try:
+        cached = json.loads(path.read_text())
+        if not isinstance(cached, dict) or "config" not in cached or "accuracy" not in cached:
+            raise ValueError("not a result")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        print(f"  {path.name} does not read as a result ({exc}); running it again", flush=True)
+        return None
+    return cached
 
 
 class _Models:
@@ -63,6 +79,18 @@ class _Models:
             teacher = compressor.freeze_(self.get("teacher"))
             self._table = runs.teacher_logit_table(teacher, self.data)
         return self._table
+
+    def _load(self, path: Path, build: Callable[[], nn.Module]) -> nn.Module | None:
+        """A trained model kept in ``path``, or None (with one line saying why) when the file
+        does not load or does not fit: it is then trained again."""
+        model = build().to(self.cfg.device)
+        try:
+            model.load_state_dict(load_checkpoint(path))
+        except (CheckpointError, RuntimeError, TypeError, AttributeError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(f"  {path.name} does not load ({reason}); training it again", flush=True)
+            return None
+        return model
 
     def get(self, name: str) -> nn.Module:
         if name not in self._cache:
@@ -83,15 +111,10 @@ class _Models:
                 ),
             }[name]
             path = self.work / f"{name}.pt"
-            if path.exists():
-                model = build().to(self.cfg.device)
-                model.load_state_dict(torch.load(path, map_location=self.cfg.device,
-                                                 weights_only=True))  # fmt: skip
-            else:
+            model = self._load(path, build) if path.exists() else None
+            if model is None:
                 model = train()
-                tmp = path.with_name(f".{path.name}.tmp")
-                torch.save(model.state_dict(), tmp)
-                os.replace(tmp, path)
+                atomic_save(model.state_dict(), path)
             self._cache[name] = model
         return self._cache[name]
 
@@ -179,7 +202,7 @@ def run(
     for name in configurations:
         method, bits, make = jobs[name]
         path = out / f"{name}.json"
-        cached = json.loads(path.read_text()) if path.exists() else None
+        cached = _cached_result(path)
         if cached is not None and cached["config"] == asdict(cfg):
             print(f"  {name:<26} cached: {cached['accuracy']:.2f}%", flush=True)
             results.append(cached)
@@ -209,7 +232,7 @@ def run(
         }
         if environment is not None:
             result["environment"] = environment()
-        _write_json(path, result)
+        atomic_write_json(path, result)
         print(f"  {name:<26} {result['accuracy']:.2f}%  packed {packed or '-'} bytes", flush=True)
         results.append(result)
     return results

@@ -12,10 +12,8 @@ import argparse
 import copy
 import os
 import re
-from pathlib import Path
 
-import torch
-
+from compressor.files import WRITTEN_BY, atomic_save, check_output, load_checkpoint, written_by
 from recipes.shrink_vision import select_indices
 
 # (side, regex with the layer index as group "k"); first match wins.
@@ -28,16 +26,19 @@ LAYER_PATTERNS = [
 ]
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    torch.serialization.add_safe_globals([argparse.Namespace])
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a corrupt file or one holding arbitrary Python objects
-        raise ValueError(
-            f"cannot read {path} as an OpenNMT-py checkpoint: {str(exc).splitlines()[0]}"
-        ) from None
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "opt" not in checkpoint:
+def load_onmt_checkpoint(path: str | os.PathLike) -> dict:
+    """An OpenNMT-py checkpoint, loaded by the one safe loader
+    (:func:`compressor.files.load_checkpoint`, which raises ``CheckpointError`` for a file
+    that is not a checkpoint) and checked to hold a model and its options."""
+    checkpoint = load_checkpoint(path)
+    if (
+        not isinstance(checkpoint, dict)
+        or not isinstance(checkpoint.get("model"), dict)
+        or "opt" not in checkpoint
+    ):
         raise ValueError(f"{path} is not an OpenNMT-py checkpoint (no 'model' and 'opt')")
+    if not isinstance(checkpoint["opt"], argparse.Namespace):
+        raise ValueError(f"{path}: its 'opt' is not OpenNMT-py's options (an argparse.Namespace)")
     return checkpoint
 
 
@@ -108,11 +109,19 @@ def shrink_onmt_checkpoint(
     return result, summary
 
 
-def shrink_onmt_file(src: str | Path, dst: str | Path, **kwargs) -> dict:
-    """Shrink the checkpoint at ``src`` into ``dst`` (written atomically); returns the summary."""
-    result, summary = shrink_onmt_checkpoint(load_checkpoint(src), **kwargs)
-    dst = Path(dst)
-    tmp = dst.with_name(dst.name + ".tmp")
-    torch.save(result, tmp)
-    os.replace(tmp, dst)
+def shrink_onmt_file(
+    src: str | os.PathLike, dst: str | os.PathLike, *, force: bool = False, **kwargs
+) -> dict:
+    """Shrink the checkpoint at ``src`` into ``dst`` (written atomically, marked as a
+    ``qdistill shrink`` output); returns the summary. ``dst`` is checked before any work by
+    :func:`compressor.files.check_output`: never ``src`` itself, and an existing file only with
+    ``force`` and only if an earlier shrink wrote it."""
+    from recipes.shrink_vision import SHRINK
+
+    dst = check_output(
+        dst, [src], force=force, ours=lambda p: written_by(p) == SHRINK, what="qdistill shrink"
+    )
+    result, summary = shrink_onmt_checkpoint(load_onmt_checkpoint(src), **kwargs)
+    result[WRITTEN_BY] = SHRINK
+    atomic_save(result, dst)
     return summary

@@ -9,12 +9,16 @@ keeps a selection of the conv layers, each with the BatchNorm, ReLU and pooling 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from compressor.files import WRITTEN_BY, atomic_save, load_checkpoint
+
+SHRINK = "shrink"
+"""The :data:`compressor.files.WRITTEN_BY` mark of a ``qdistill shrink`` output."""
 
 RESNET_LAYOUTS = {
     "resnet18": ("basic", [2, 2, 2, 2], 64),
@@ -30,7 +34,7 @@ RESNET_LAYOUTS = {
 def select_indices(count: int, keep: int, select: str | Sequence[int]) -> list[int]:
     """Which of ``count`` teacher layers a student with ``keep`` layers copies."""
     if keep < 1:
-        raise ValueError(f"a stage needs at least one block, got {keep}; use a value >= 1")
+        raise ValueError(f"keep at least one block or layer per stage, got {keep}; use 1 or more")
     if keep > count:
         raise ValueError(
             f"cannot keep {keep} layers of a teacher stage that has only {count}; use <= {count}"
@@ -41,7 +45,12 @@ def select_indices(count: int, keep: int, select: str | Sequence[int]) -> list[i
         if keep == 1:
             return [0]
         return sorted({round(i * (count - 1) / (keep - 1)) for i in range(keep)})
-    indices = [int(i) for i in (select.split(",") if isinstance(select, str) else select)]
+    try:
+        indices = [int(i) for i in (select.split(",") if isinstance(select, str) else select)]
+    except ValueError:
+        raise ValueError(
+            f"selection {select!r} is not 'first', 'even' or a list of layer numbers like 0,2"
+        ) from None
     if len(indices) != keep:
         raise ValueError(f"selection {indices} names {len(indices)} layers but {keep} are kept")
     if any(i < 0 or i >= count for i in indices):
@@ -52,22 +61,57 @@ def select_indices(count: int, keep: int, select: str | Sequence[int]) -> list[i
 
 
 def load_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a torchvision references checkpoint ({"model": ...}) or a bare one."""
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a corrupt file or one holding arbitrary Python objects
-        raise ValueError(
-            f"cannot read {checkpoint} as a weights-only torch checkpoint: "
-            f"{str(exc).splitlines()[0]}"
-        ) from None
+    """A state dict from a torchvision references checkpoint ({"model": ...}, with its
+    ``args`` Namespace) or a bare one, loaded by :func:`compressor.files.load_checkpoint`
+    (raises its ``CheckpointError``, a ``ValueError``, for a file that is not one)."""
+    state = load_checkpoint(checkpoint)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{checkpoint} holds no state dict")
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    ):
+        raise ValueError(
+            f"{checkpoint} holds no state dict (tensors by name, or a dict with a 'model' key "
+            "holding them)"
+        )
     return state
 
 
-def _stage_selections(stage_counts, blocks, select) -> list[list[int]]:
+def check_resnet_state(state: dict[str, torch.Tensor], arch: str) -> None:
+    """A one-line ValueError unless ``state`` looks like a torchvision ResNet's weights."""
+    if any(".parametrizations." in key for key in state):
+        raise ValueError(
+            "the checkpoint holds quantized (parametrized) weights, a quantized student's "
+            "training checkpoint; shrink the full-precision teacher's checkpoint instead"
+        )
+    needed = ("conv1.weight", "bn1.weight", "fc.weight", "layer1.0.conv1.weight")
+    missing = [k for k in needed if k not in state]
+    if missing:
+        example = ", ".join(list(state)[:3])
+        raise ValueError(
+            f"the checkpoint is not a torchvision ResNet's state dict (no {', '.join(missing)}; "
+            f"it has {example}, ...); pass a ResNet checkpoint, or the right --arch"
+        )
+    if state["fc.weight"].dim() != 2 or state["conv1.weight"].dim() != 4:
+        raise ValueError("the checkpoint's fc/conv1 weights have the wrong shape for a ResNet")
+    kind, counts, _ = RESNET_LAYOUTS[arch]
+    found = [
+        len({key.split(".")[1] for key in state if key.startswith(f"layer{stage}.")})
+        for stage in range(1, len(counts) + 1)
+    ]
+    bottleneck = "layer1.0.conv3.weight" in state
+    if found != counts or bottleneck != (kind == "bottleneck"):
+        blocks = "bottleneck" if bottleneck else "basic"
+        raise ValueError(
+            f"the checkpoint has {','.join(map(str, found))} {blocks} blocks per stage, not "
+            f"{arch}'s {','.join(map(str, counts))} {kind} blocks; check --arch"
+        )
+
+
+def stage_selections(stage_counts, blocks, select) -> list[list[int]]:
+    """Which teacher blocks each student stage keeps (ValueError for an impossible request)."""
     if len(blocks) != len(stage_counts):
         raise ValueError(f"--blocks needs {len(stage_counts)} values, got {len(blocks)}")
     if isinstance(select, str) and select not in ("first", "even"):
@@ -98,10 +142,13 @@ def shrink_resnet(
         raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(RESNET_LAYOUTS)}")
     kind, counts, width = RESNET_LAYOUTS[arch]
     state = teacher.state_dict() if isinstance(teacher, nn.Module) else dict(teacher)
+    check_resnet_state(state, arch)
+    if num_classes is not None and num_classes < 1:
+        raise ValueError(f"--num-classes must be 1 or more, got {num_classes}")
     blocks = [int(b) for b in blocks]
     if isinstance(select, (list, tuple)):
         select = "/".join(select)
-    kept = _stage_selections(counts, blocks, select)
+    kept = stage_selections(counts, blocks, select)
     if num_classes is None:
         num_classes = state["fc.weight"].shape[0]
     block = BasicBlock if kind == "basic" else Bottleneck
@@ -129,7 +176,11 @@ def shrink_resnet(
     try:
         missing, unexpected = student.load_state_dict(new_state, strict=False)
     except RuntimeError as exc:
-        raise ValueError(f"teacher weights do not fit {arch}: {exc}; check --arch") from None
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ValueError(
+            f"teacher weights do not fit {arch}: {lines[1] if len(lines) > 1 else lines[0]}; "
+            "check --arch"
+        ) from None
     missing = [k for k in missing if k.split(".")[0] not in fresh]
     if unexpected or missing:
         raise ValueError(
@@ -213,6 +264,13 @@ def shrink_vgg(
 
     if arch not in VGG_ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; VGG teachers are {VGG_ARCHS}")
+    if num_classes is not None and num_classes < 1:
+        raise ValueError(f"--num-classes must be 1 or more, got {num_classes}")
+    if not any(k.startswith("features.") for k in state):
+        raise ValueError(
+            f"the checkpoint is not a torchvision VGG's state dict (no features.*; it has "
+            f"{', '.join(list(state)[:3])}, ...); pass a VGG checkpoint, or the right --arch"
+        )
     if num_classes is None:
         num_classes = (
             state["classifier.6.weight"].shape[0] if "classifier.6.weight" in state else 1000
@@ -230,15 +288,15 @@ def shrink_vgg(
 
 
 def save_references_checkpoint(model: nn.Module, summary: dict, output: str | Path) -> None:
-    """Write {"model", "optimizer", "lr_scheduler", "epoch", "args"} atomically."""
-    output = Path(output)
-    tmp = output.with_name(output.name + ".tmp")
+    """Write {"model", "optimizer", "lr_scheduler", "epoch", "args"} atomically, marked as a
+    ``qdistill shrink`` output (callers check ``output`` first with
+    :func:`compressor.files.check_output`)."""
     checkpoint = {
         "model": model.state_dict(),
         "optimizer": None,
         "lr_scheduler": None,
         "epoch": 0,
         "args": summary,
+        WRITTEN_BY: SHRINK,
     }
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, output)
+    atomic_save(checkpoint, output)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -25,6 +24,7 @@ from tqdm import tqdm
 import compressor
 from compressor.bit_allocation import allocate_bits
 from compressor.differentiable import differentiable_quantization
+from compressor.files import atomic_write_json
 from compressor.qkd import QKDSchedule, qkd_train
 from compressor.training import DistillConfig, quantized_distillation
 
@@ -313,9 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, acc in results.items():
         print(f"{name:<40} {acc:6.2f}%")
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({"config": asdict(cfg), "accuracy": results}, indent=2)
-        )
+        atomic_write_json(args.json, {"config": asdict(cfg), "accuracy": results})
 
 
 if __name__ == "__main__":

@@ -27,11 +27,23 @@ from pathlib import Path
 
 import yaml
 
+from compressor.files import (
+    CheckpointError,
+    atomic_save,
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_text,
+    load_checkpoint,
+)
 from compressor.packed import entropy_ans_available
 
 BIN = Path(sys.executable).parent
 SPLITS = ("train", "valid", "test")
 _PROGRESS = re.compile(r"Step \d+/|Validation (perplexity|accuracy)|error|Error")
+
+
+class CorpusError(ValueError):
+    """A parallel corpus whose files do not pair up; the message says which."""
 
 
 @dataclass(frozen=True)
@@ -102,12 +114,6 @@ def _read_lines(path: Path) -> list[str]:
         return [line.rstrip("\n") for line in handle]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def prepare_data(corpus: Corpus, scale: TranslationScale, data_dir: Path) -> dict[str, Path]:
     """Plain-text copies of the splits: the first ``train_pairs`` training pairs and the first
     ``test_pairs`` test pairs (held out from the end of the training files if the corpus has no
@@ -130,9 +136,12 @@ def prepare_data(corpus: Corpus, scale: TranslationScale, data_dir: Path) -> dic
         lines[f"test.{side}"] = test
     for split in SPLITS:
         if len(lines[f"{split}.src"]) != len(lines[f"{split}.tgt"]):
-            raise ValueError(f"{split}: the source and target files have different line counts")
+            raise CorpusError(
+                f"{split}: the source and target files of {corpus.directory} have different "
+                f"line counts ({len(lines[f'{split}.src'])} and {len(lines[f'{split}.tgt'])})"
+            )
     for key, path in files.items():
-        _write_atomic(path, "\n".join(lines[key]) + "\n")
+        atomic_write_text(path, "\n".join(lines[key]) + "\n")
     return files
 
 
@@ -144,6 +153,9 @@ def train_sentencepiece(files: Mapping[str, Path], scale: TranslationScale, work
         model = work / f"spm.{side}.model"
         if model.exists():
             continue
+        # sentencepiece writes PREFIX.model and PREFIX.vocab itself: train under a partial
+        # name, then copy them into place atomically, the model (which marks the step done)
+        # last.
         prefix = work / f".spm.{side}.partial"
         sentencepiece.SentencePieceTrainer.train(
             input=str(files[f"train.{side}"]),
@@ -153,8 +165,10 @@ def train_sentencepiece(files: Mapping[str, Path], scale: TranslationScale, work
             num_threads=scale.threads,
             minloglevel=2,
         )
-        os.replace(prefix.with_suffix(".partial.vocab"), work / f"spm.{side}.vocab")
-        os.replace(prefix.with_suffix(".partial.model"), model)
+        for suffix, target in ((".vocab", work / f"spm.{side}.vocab"), (".model", model)):
+            partial = prefix.with_name(prefix.name + suffix)
+            atomic_write_bytes(target, partial.read_bytes())
+            partial.unlink()
 
 
 def base_config(files: Mapping[str, Path], scale: TranslationScale, work: Path) -> dict:
@@ -212,21 +226,46 @@ def _run(command: list, log: Path, threads: int, echo: bool = True) -> None:
             raise RuntimeError(f"{Path(command[0]).name} failed; see {log}")
 
 
-def _last_checkpoint(work: Path, prefix: str) -> tuple[int, Path] | None:
-    found = [
-        (int(m.group(1)), p)
-        for p in work.glob(f"{prefix}_step_*.pt")
-        if (m := re.fullmatch(rf"{re.escape(prefix)}_step_(\d+)\.pt", p.name))
-    ]
-    return max(found) if found else None
+def _checkpoint_error(path: Path) -> str | None:
+    """Why ``path`` is not a checkpoint to continue from (None if it is one)."""
+    try:
+        checkpoint = load_checkpoint(path)
+    except CheckpointError as exc:
+        return str(exc)
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        return f"{path}: not an OpenNMT-py checkpoint (no 'model')"
+    return None
+
+
+def _last_checkpoint(work: Path, prefix: str, steps: int) -> tuple[int, Path] | None:
+    """The newest ``{prefix}_step_N.pt`` up to ``steps`` that loads; each newer one that does
+    not (a write cut short by a kill, a full disk) is skipped with one line saying so."""
+    found = sorted(
+        (
+            (int(m.group(1)), p)
+            for p in work.glob(f"{prefix}_step_*.pt")
+            if (m := re.fullmatch(rf"{re.escape(prefix)}_step_(\d+)\.pt", p.name))
+            and int(m.group(1)) <= steps
+        ),
+        reverse=True,
+    )
+    for step, path in found:
+        error = _checkpoint_error(path)
+        if error is None:
+            return step, path
+        print(f"    skipping {path.name}, it does not load ({error})", flush=True)
+    return None
 
 
 def train(
     config: dict, work: Path, prefix: str, steps: int, threads: int, extra: Iterable[str] = ()
 ) -> Path:
-    """``onmt_train`` to ``steps``, continuing from the newest ``{prefix}_step_N.pt``."""
+    """``onmt_train`` to ``steps``, continuing from the newest ``{prefix}_step_N.pt`` that
+    loads (one that does not is skipped and reported, and training falls back to the one
+    before it)."""
     final = work / f"{prefix}_step_{steps}.pt"
-    if final.exists():
+    last = _last_checkpoint(work, prefix, steps)
+    if last is not None and last[0] == steps:
         return final
     config = {
         **config,
@@ -237,9 +276,8 @@ def train(
         "keep_checkpoint": 2,
     }
     path = work / f"{prefix}.yaml"
-    _write_atomic(path, yaml.safe_dump(config))
+    atomic_write_text(path, yaml.safe_dump(config))
     args = list(extra)
-    last = _last_checkpoint(work, prefix)
     if last is not None:
         print(f"    resuming {prefix} from step {last[0]}", flush=True)
         if "-train_from" in args:  # the initial weights give way to our own checkpoint
@@ -248,23 +286,19 @@ def train(
         args = [a for a in args if a not in ("-reset_optim", "all")]
         args += ["-train_from", str(last[1])]
     _run([BIN / "onmt_train", "-config", path, *args], work / f"{prefix}.log", threads)
+    if _checkpoint_error(final) is not None:
+        raise RuntimeError(f"onmt_train did not write a loadable {final}; see {prefix}.log")
     return final
 
 
 def strip_optimizer(source: Path, target: Path) -> Path:
     """The checkpoint without its optimizer state: what a user deploys (and what a
     compression ratio should be measured against)."""
-    import torch
-
-    from compressor.checkpoints import load_checkpoint
-
     if not target.exists():
         checkpoint = load_checkpoint(source)
         checkpoint.pop("optim", None)
         checkpoint.pop("qdistill", None)
-        tmp = target.with_name(f".{target.name}.tmp")
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, target)
+        atomic_save(checkpoint, target)
     return target
 
 
@@ -295,14 +329,23 @@ def run(corpus: Corpus, scale: TranslationScale, work_dir: str | os.PathLike) ->
     train_sentencepiece(files, scale, work)
     config = base_config(files, scale, work)
     if not (work / "vocab.tgt").exists():
+        # onmt_build_vocab writes its files itself: into partial names, copied into place
+        # atomically afterwards, vocab.tgt (which marks the step done) last.
+        partial = {side: work / f".vocab.partial.{side}" for side in ("src", "tgt")}
         vocab_config = work / "vocab.yaml"
-        _write_atomic(vocab_config, yaml.safe_dump({**config, "save_data": str(work / "vocab")}))
+        atomic_write_text(vocab_config, yaml.safe_dump({
+            **config, "save_data": str(work / "vocab"), "overwrite": True,
+            "src_vocab": str(partial["src"]), "tgt_vocab": str(partial["tgt"]),
+        }))  # fmt: skip
         _run(
             [BIN / "onmt_build_vocab", "-config", vocab_config, "-n_sample", "-1"],
             work / "vocab.log",
             scale.threads,
             echo=False,
         )
+        for side in ("src", "tgt"):
+            atomic_write_bytes(work / f"vocab.{side}", partial[side].read_bytes())
+            partial[side].unlink()
 
     layers = scale.teacher_layers
     print(f"[3/{steps}] teacher: {layers}-layer LSTM, {scale.teacher_steps} steps", flush=True)
@@ -412,9 +455,9 @@ def write_report(result: dict, work: Path) -> None:
     ax.set_title(f"{Path(result['corpus']).name}: BLEU against file size")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(work / ".bleu_vs_size.png", dpi=120, format="png")
+    with atomic_write(work / "bleu_vs_size.png", "wb") as handle:
+        fig.savefig(handle, dpi=120, format="png")
     plt.close(fig)
-    os.replace(work / ".bleu_vs_size.png", work / "bleu_vs_size.png")
 
     scale, counts = result["scale"], result["counts"]
     lines = [
@@ -464,4 +507,4 @@ def write_report(result: dict, work: Path) -> None:
         "![BLEU against file size](bleu_vs_size.png)",
         "",
     ]
-    _write_atomic(work / "report.md", "\n".join(lines))
+    atomic_write_text(work / "report.md", "\n".join(lines))

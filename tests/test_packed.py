@@ -320,8 +320,81 @@ def test_missing_and_wrong_files(tmp_path):
 
 def test_written_files_get_the_usual_permissions(tmp_path):
     """Not mkstemp's 0o600: a packed model is meant to be shared like any other file."""
-    from compressor.packed import default_file_mode
+    from compressor.files import default_file_mode
 
     spec = QuantSpec("uniform", 4, None)
     save_packed({"w": spec.quantize(torch.randn(8))}, tmp_path / "w.qd", specs={"w": spec})
     assert (tmp_path / "w.qd").stat().st_mode & 0o777 == default_file_mode()
+
+
+# --------------------------------------------------------------------------------------------
+# Bounded decoding (issue 15, item 9).
+
+
+def test_decoders_work_in_bounded_blocks(tmp_path, monkeypatch):
+    """Huffman expands, rANS decodes and the histogram check counts a block at a time: tiny
+    blocks give the same, exact, result."""
+    import compressor.packed as packed
+
+    model = _student_t_model([300, 200, 120])
+    compressor.quantize_(model, compressor.QuantConfig(bits=3, bucket_size=64))
+    expected = {}
+    for coder in ("huffman", "ans"):
+        save_packed(model, tmp_path / f"{coder}.qd", entropy=coder)
+        expected[coder], _ = load_packed(tmp_path / f"{coder}.qd")
+    monkeypatch.setattr(entropy, "_EXPAND_CELLS", 50)
+    monkeypatch.setattr(entropy, "_ANS_BLOCK", 1000)
+    monkeypatch.setattr(packed, "_HISTOGRAM_BLOCK", 777)
+    for coder in ("huffman", "ans"):
+        state, _ = load_packed(tmp_path / f"{coder}.qd")
+        assert all(torch.equal(state[k], v) for k, v in expected[coder].items())
+    rng = np.random.default_rng(1)
+    symbols = rng.choice(8, 20_000, p=[0.5, 0.2, 0.1, 0.1, 0.05, 0.03, 0.01, 0.01]).astype(np.uint8)
+    lengths = entropy.huffman_lengths(np.bincount(symbols, minlength=8))
+    for chunk in (1, 7, 4096):
+        stream, chunks = entropy.huffman_encode(symbols, lengths, chunk)
+        decoded = entropy.huffman_decode(stream, chunks, lengths, symbols.size, chunk)
+        assert np.array_equal(decoded, symbols), chunk
+
+
+def test_ans_min_bits_bounds_what_each_symbol_costs():
+    """The loader's bound on symbols per rANS word rests on this: however a stream is made,
+    each symbol decoded from it (while it lasts) takes at least ``ans_min_bits`` bits."""
+    for counts in ([1, 1000], [5, 3, 1000, 2], [1] * 255 + [10**6], [3, 1, 4, 1, 5, 9, 2, 6]):
+        counts = np.array(counts)
+        most = int(np.argmax(counts))  # not the first symbol, which can be free at the end
+        n = 200_000
+        words = entropy.ans_encode(np.full(n, most, dtype=np.uint8), counts)
+        assert 32 * words.size + 64 >= n * entropy.ans_min_bits(counts), counts
+
+
+def test_ans_decode_refuses_a_claim_beyond_its_stream_before_allocating():
+    counts = np.array([10**6, 1, 1, 1])
+    words = np.ones(16_000, dtype=np.uint32)
+    limit = entropy.ans_max_symbols(counts, words.size)
+    assert limit <= entropy.ANS_FREE_SYMBOLS + entropy.ANS_MAX_SYMBOLS_PER_BIT * 32 * words.size
+    with pytest.raises(entropy.CodingError, match="symbols claimed"):
+        entropy.ans_decode(words, counts, 256 * 32 * words.size)  # 500 MB of int32 before
+
+
+def test_rans_gives_way_to_huffman_where_a_stream_would_claim_too_much(tmp_path):
+    """rANS codes a run of its first symbol at the end of a stream almost for free (an
+    all-zero tensor, sorted last): more weights per stored bit than the loader believes.
+    The writer then uses Huffman, so that every file it writes loads."""
+    spec = QuantSpec("uniform", 4, 256)
+    torch.manual_seed(0)
+    state = {"a": spec.quantize(torch.randn(64, 64)), "z": torch.zeros(1000, 1000)}
+    save_packed(state, tmp_path / "w.qd", specs={"a": spec, "z": spec}, entropy="ans")
+    (coder,) = packed_summary(tmp_path / "w.qd")[1]
+    assert coder.kind == "huffman"
+    loaded, _ = load_packed(tmp_path / "w.qd")
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    save_packed({"a": state["a"]}, tmp_path / "a.qd", specs={"a": spec}, entropy="ans")
+    assert packed_summary(tmp_path / "a.qd")[1][0].kind == "ans"  # ordinary weights keep rANS
+
+
+def test_a_huffman_stream_stuck_on_an_invalid_code_stops_at_once():
+    lengths = np.array([1, 2, 0, 0])  # codes 0 and 10: a window of 11... decodes nothing
+    stream = np.full(2, 0xFF, dtype=np.uint8)
+    with pytest.raises(entropy.CodingError, match="invalid Huffman code"):
+        entropy.huffman_decode(stream, np.array([16], dtype=np.uint32), lengths, 8, chunk=1 << 16)

@@ -13,7 +13,8 @@ import torchvision
 import yaml
 from torch import nn
 
-from recipes.shrink_onmt import load_checkpoint, shrink_onmt_checkpoint, shrink_onmt_file
+from compressor.files import load_checkpoint
+from recipes.shrink_onmt import shrink_onmt_checkpoint, shrink_onmt_file
 from recipes.shrink_vision import shrink_resnet, shrink_sequential, shrink_vgg, vgg_student
 
 BIN = Path(sys.executable).parent
@@ -94,8 +95,10 @@ def test_vgg_student_from_the_teachers_conv_layers_reloads_and_runs(tmp_path):
         (["--layers", "3", "--select", "0,2,7"], "channels chain"),
         (["--blocks", "2,2,2,2"], "pass --layers N"),
     ):
-        bad = subprocess.run([*cmd, *extra, "-o", out], capture_output=True, text=True)
+        bad_out = tmp_path / "bad.pth"
+        bad = subprocess.run([*cmd, *extra, "-o", bad_out], capture_output=True, text=True)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
+        assert not bad_out.exists()
 
 
 def test_cli_writes_references_checkpoint_and_reports_errors(tmp_path):

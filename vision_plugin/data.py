@@ -16,8 +16,31 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+CIFAR10_CLASSES = 10
+
+
 class DataError(ValueError):
     """A missing or malformed data set (reported as one line)."""
+
+
+def interpolation_modes() -> list[str]:
+    from torchvision.transforms import InterpolationMode
+
+    return [mode.value for mode in InterpolationMode]
+
+
+def check_labels(labels: np.ndarray, num_classes: int, where: object) -> None:
+    """Every label a class number from 0 to ``num_classes - 1``: checked once when the data is
+    loaded, rather than an IndexError in the middle of an epoch."""
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{where}: labels must be integers, found {labels.dtype}")
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        raise DataError(
+            f"{where}: labels must be class numbers 0 to {num_classes - 1}; found {len(bad)} "
+            f"outside that range (first: label {int(labels[bad[0]])} at index {int(bad[0])}); "
+            "fix the labels, or give the data as an ImageFolder tree"
+        )
 
 
 def default_data_path() -> Path:
@@ -63,6 +86,11 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(
             f"{path}: not a CIFAR-10 npz file with 'images' and 'labels' ({exc})"
         ) from None
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(
+            f"{path}: 'labels' must be one class number per image (integers), found "
+            f"{labels.dtype} of shape {labels.shape}"
+        )
     if (
         images.ndim != 4
         or images.shape[-1] != 3
@@ -70,7 +98,9 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         or len(images) != len(labels)
     ):
         raise DataError(f"{path}: expected uint8 NHWC RGB images and one label per image")
-    return images, labels.astype(np.int64)
+    labels = labels.astype(np.int64)
+    check_labels(labels, CIFAR10_CLASSES, path)
+    return images, labels
 
 
 def _load_cifar_batches(folder: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -80,7 +110,9 @@ def _load_cifar_batches(folder: Path, train: bool) -> tuple[np.ndarray, np.ndarr
         ds = CIFAR10(str(folder), train=train, download=False)
     except RuntimeError as exc:
         raise DataError(f"{folder}: malformed CIFAR-10 folder ({exc})") from None
-    return np.asarray(ds.data), np.asarray(ds.targets, dtype=np.int64)
+    labels = np.asarray(ds.targets, dtype=np.int64)
+    check_labels(labels, CIFAR10_CLASSES, folder / "cifar-10-batches-py")
+    return np.asarray(ds.data), labels
 
 
 def _subset(images: np.ndarray, labels: np.ndarray, limit: int | None, seed: int):  # noqa: ANN202
@@ -96,6 +128,11 @@ def transforms_for(dataset: str, args) -> tuple:  # noqa: ANN001
     from torchvision import transforms as T
     from torchvision.transforms import InterpolationMode
 
+    if args.interpolation not in interpolation_modes():
+        raise DataError(
+            f"--interpolation {args.interpolation!r} is not a mode; choose one of "
+            f"{', '.join(interpolation_modes())}"
+        )
     interpolation = InterpolationMode(args.interpolation)
     if dataset == "cifar10":
         normalize = T.Normalize(CIFAR_MEAN, CIFAR_STD)
@@ -147,7 +184,11 @@ def load_data(args) -> tuple[Dataset, Dataset, int]:  # noqa: ANN001
             )
         train = _subset(*train, args.max_train_samples, args.seed)
         val = _subset(*val, args.max_val_samples, args.seed)
-        return ArrayDataset(*train, train_tf), ArrayDataset(*val, val_tf), 10
+        return (
+            ArrayDataset(*train, train_tf),
+            ArrayDataset(*val, val_tf),
+            CIFAR10_CLASSES,
+        )
     from torchvision.datasets import ImageFolder
 
     for split in ("train", "val"):

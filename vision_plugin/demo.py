@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from compressor.files import atomic_write, atomic_write_text
 from vision_plugin.train import run
 
 SAMPLE = Path(__file__).resolve().parent / "demo_data"
@@ -95,7 +96,8 @@ def report(out: Path, rows: list[tuple[str, str, dict]]) -> str:
     ax.set_ylabel("CIFAR-10 sample accuracy (%)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_bytes.png", dpi=120)
+    with atomic_write(out / "accuracy_vs_bytes.png", "wb") as handle:
+        fig.savefig(handle, format="png", dpi=120)
     plt.close(fig)
     text = (
         "# qdistill demo: compressing a CIFAR-10 classifier\n\n"
@@ -104,7 +106,7 @@ def report(out: Path, rows: list[tuple[str, str, dict]]) -> str:
         "noisy (30 test images per class); the file sizes are the real bytes of each file.\n\n"
         f"{table}\n\n![accuracy against bytes](accuracy_vs_bytes.png)\n"
     )
-    (out / "REPORT.md").write_text(text)
+    atomic_write_text(out / "REPORT.md", text)
     return table
 
 
@@ -117,9 +119,13 @@ def make_sample(root: Path) -> None:
         with np.load(root / f"{split}.npz") as npz:
             labels = npz["labels"]
             chosen = np.sort(rng.permutation(len(labels))[:count])
-            np.savez_compressed(
-                SAMPLE / f"{split}.npz", images=npz["images"][chosen], labels=labels[chosen]
-            )
+            with atomic_write(SAMPLE / f"{split}.npz", "wb") as handle:
+                np.savez_compressed(handle, images=npz["images"][chosen], labels=labels[chosen])
+
+
+def _error(message: str) -> int:
+    print(f"vision_plugin.demo: error: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,10 +135,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--make-sample", metavar="CIFAR10_DIR", help="rebuild the bundled sample")
     args = parser.parse_args(argv)
     if args.make_sample:
-        make_sample(Path(args.make_sample))
+        source = Path(args.make_sample)
+        missing = [n for n in ("train.npz", "test.npz") if not (source / n).is_file()]
+        if missing:
+            return _error(f"--make-sample {source} lacks {' and '.join(missing)} (CIFAR-10 npz)")
+        make_sample(source)
         return 0
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.epochs < 1:
+        return _error(f"--epochs must be 1 or more, got {args.epochs}")
+    if out.exists() and not out.is_dir():
+        return _error(f"--output-dir {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return _error(f"cannot create --output-dir {out}: {exc.strerror}")
     common = ["--data-path", str(SAMPLE), "-b", "32", "--lr", "0.05", "--quiet"]
     rows = []
     start = time.time()
@@ -142,7 +159,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{number}/7] {label}: done already ({summary_path})")
         else:
             print(f"[{number}/7] {label} ...", flush=True)
-            code = run([*common, *extra, "--output-dir", str(out / name)])
+            # The stage folders are the demo's own: an interrupted stage resumes from its last
+            # checkpoint, or starts again over the files of its unfinished run.
+            resume = out / name / "checkpoint.pth"
+            again = ["--resume", str(resume)] if resume.is_file() else []
+            code = run([*common, *extra, *again, "--force", "--output-dir", str(out / name)])
             if code:
                 return code
         rows.append((name, label, json.loads(summary_path.read_text())))

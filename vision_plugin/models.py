@@ -63,15 +63,68 @@ def num_outputs(model: nn.Module) -> int:
     return last.out_features if isinstance(last, nn.Linear) else last.out_channels
 
 
-def load_state(path: str | Path) -> dict[str, torch.Tensor]:
+def is_tensor_file(path: Path) -> bool:
+    """A .safetensors or packed .qd file (both start with a length and a JSON header)."""
+    with path.open("rb") as f:
+        head = f.read(16)
+    return path.suffix in (".qd", ".safetensors") or head[8:9] == b"{"
+
+
+def _is_text(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(512)
+    if not head or head.startswith((b"PK", b"\x80")) or b"\0" in head:
+        return False
+    return all(byte >= 32 or byte in b"\t\n\r\f" for byte in head)
+
+
+def _check_file(path: Path, what: str) -> None:
+    if not path.exists():
+        raise ModelError(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise ModelError(f"{what} {path} is a folder; give the checkpoint file inside it")
+    try:
+        text = _is_text(path)
+    except OSError as exc:
+        raise ModelError(f"{what} {path}: cannot be read ({exc.strerror})") from None
+    if text:
+        raise ModelError(
+            f"{what} {path} is a text file, not a checkpoint: give a .pth file that torch.save "
+            "wrote, a .safetensors file or a packed .qd file"
+        )
+
+
+def read_checkpoint(path: str | Path, what: str = "checkpoint") -> object:
+    """A pickled PyTorch checkpoint, loaded safely (nothing pickled runs); one-line
+    :class:`ModelError` for a missing, text, truncated or unsafe file."""
+    from compressor.files import CheckpointError, load_checkpoint
+
+    path = Path(path)
+    _check_file(path, what)
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as exc:
+        raise ModelError(f"{what} {exc}") from None
+
+
+def state_of(checkpoint: object, path: str | Path, what: str = "checkpoint") -> dict:
+    """The model weights of a checkpoint: its "model" entry (the references' format) or the
+    checkpoint itself (a plain state dict)."""
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not state:
+        raise ModelError(
+            f"{what} {path}: expected a state dict or a dict with a 'model' key, found "
+            f"{type(checkpoint).__name__}"
+        )
+    return state
+
+
+def load_state(path: str | Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Model weights from a references-format checkpoint ({"model": ...}), a plain state dict,
     a .safetensors file or a qdistill packed file; nothing pickled is executed."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"checkpoint {path} does not exist")
-    with path.open("rb") as f:
-        head = f.read(16)
-    if path.suffix in (".qd", ".safetensors") or head[8:9] == b"{":
+    _check_file(path, what)
+    if is_tensor_file(path):
         from safetensors import SafetensorError
 
         from compressor.packed import PackedFormatError, load_packed
@@ -84,26 +137,59 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
             try:
                 return load_file(str(path))
             except SafetensorError as exc:
-                raise ModelError(f"{path}: unreadable weights ({exc})") from None
-    from compressor.checkpoints import CheckpointError, load_checkpoint
-
-    try:
-        checkpoint = load_checkpoint(path)
-    except CheckpointError as exc:
-        raise ModelError(str(exc)) from None
-    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        raise ModelError(f"{path}: expected a state dict or a dict with a 'model' key")
-    return state
+                raise ModelError(f"{what} {path}: unreadable weights ({exc})") from None
+    return state_of(read_checkpoint(path, what), path, what)
 
 
-def load_weights_(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> nn.Module:
+def _few(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+
+def load_weights_(
+    model: nn.Module, state: dict[str, torch.Tensor], what: str, arch: str | None = None
+) -> nn.Module:
+    """``model.load_state_dict(state)``, or a one-line :class:`ModelError` that says which
+    tensors do not fit (rather than torch's list of every key)."""
+    name = arch or type(model).__name__
+    expected = model.state_dict()
+    if any(".parametrizations." in k for k in state) and not any(
+        ".parametrizations." in k for k in expected
+    ):
+        raise ModelError(
+            f"{what} holds a quantized student's training state (shadow weights and "
+            "quantizers), which loads only into the quantized model it was trained as: "
+            "evaluate it with --test-only --resume, continue it with --resume, or give the "
+            "run's packed student.qd here"
+        )
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} of {name}'s tensors are missing ({_few(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} are not in {name} ({_few(unexpected)})")
+        raise ModelError(
+            f"{what} does not fit the architecture {name}: {'; '.join(parts)}; it was saved "
+            "from another architecture (check --model/--teacher and --cifar-stem)"
+        )
+    for key, value in expected.items():
+        shape = getattr(state[key], "shape", None)
+        if shape is None:
+            raise ModelError(f"{what}: {key} is a {type(state[key]).__name__}, not a tensor")
+        if tuple(shape) != tuple(value.shape):
+            raise ModelError(
+                f"{what} does not fit the architecture {name}: {key} has shape "
+                f"{tuple(shape)} there and {tuple(value.shape)} here (another number of "
+                "classes, or another --cifar-stem setting?)"
+            )
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         raise ModelError(
-            f"{what} does not fit the architecture: {lines[1] if len(lines) > 1 else lines[0]}"
+            f"{what} does not fit the architecture {name}: "
+            f"{lines[1] if len(lines) > 1 else lines[0]}"
         ) from None
     return model
 
@@ -142,13 +228,15 @@ def build_teacher(
         return cifar_stem_(model) if cifar_stem else model
     model = build_model(name, num_classes, cifar_stem)
     if checkpoint is not None:
-        state = load_state(checkpoint)
+        state = load_state(checkpoint, "--teacher-checkpoint")
         head = [k for k in state if k.endswith(".weight")]
-        if head:
+        quantized = any(".parametrizations." in k for k in state)
+        if head and not quantized and hasattr(state[head[-1]], "shape"):
             outputs = state[head[-1]].shape[0]
             if outputs != num_classes:
                 raise ModelError(
-                    f"teacher checkpoint predicts {outputs} classes, the data has {num_classes}"
+                    f"teacher checkpoint predicts {outputs} classes, the data has "
+                    f"{num_classes}; fine-tune the teacher on this data first"
                 )
-        load_weights_(model, state, f"teacher checkpoint {checkpoint}")
+        load_weights_(model, state, f"--teacher-checkpoint {checkpoint}", name)
     return model
