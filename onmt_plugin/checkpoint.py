@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
 
 import compressor
-from compressor.checkpoints import load_checkpoint
+from compressor.files import atomic_save, load_checkpoint
 
 
 def split_generator(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -39,15 +38,19 @@ def qdistill_record(model: nn.Module) -> dict:
     }
 
 
-def rewrite_checkpoint(path: str | os.PathLike, model: nn.Module) -> None:
-    """Replace the parametrized state that OpenNMT saved by the quantized values under the plain
-    names, and keep the shadow weights under ``checkpoint["qdistill"]``; atomically."""
-    path = Path(path)
-    checkpoint = load_checkpoint(path)
+def quantized_checkpoint(checkpoint: dict, model: nn.Module) -> dict:
+    """The checkpoint OpenNMT built for a student, with the parametrized state replaced by the
+    quantized values under the plain names and the shadow weights under
+    ``checkpoint["qdistill"]``."""
+    checkpoint = dict(checkpoint)
     checkpoint["model"], checkpoint["generator"] = split_generator(
         compressor.quantized_state_dict(model)
     )
     checkpoint["qdistill"] = qdistill_record(model)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    return checkpoint
+
+
+def rewrite_checkpoint(path: str | os.PathLike, model: nn.Module) -> None:
+    """Rewrite a student's checkpoint that OpenNMT saved with the parametrized state (see
+    :func:`quantized_checkpoint`); atomically: a kill leaves the old file or the new one."""
+    atomic_save(quantized_checkpoint(load_checkpoint(path), model), path)

@@ -9,9 +9,9 @@ from onmt_plugin import bootstrap
 
 
 def _activate() -> None:
-    os.environ.setdefault(bootstrap.ENV_SWITCH, "1")
-    if os.environ[bootstrap.ENV_SWITCH] == "0":
-        os.environ[bootstrap.ENV_SWITCH] = "1"  # asking for this command means asking for it
+    # Asking for this command means asking for the plugin, whatever the switch says; the
+    # hook reads the switch when OpenNMT is imported, below.
+    os.environ[bootstrap.ENV_SWITCH] = "1"
     bootstrap.install()
 
 

@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 METHODS = ("uniform", "nonuniform", "differentiable")
+
+# Each option, with the shortest abbreviation argparse resolves to it beside OpenNMT-py 3.5.1's
+# own options (one more character than the longest prefix shared with one of them: -quant_
+# is also -quant_layers/-quant_type, -te is also -tensorboard, -d is also -data);
+# tests/test_onmt_trust.py checks the table against OpenNMT's parser.
+OPTIONS = {
+    "quantized_distill": 6,
+    "teacher_model": 3,
+    "quant_bits": 7,
+    "quant_bucket_size": 7,
+    "quant_method": 7,
+    "quant_rounding": 7,
+    "quant_keep_first_last": 7,
+    "distill_temperature": 2,
+    "distill_alpha": 2,
+    "distill_topk": 2,
+}
+CONFIG_OPTION = ("config", 4)  # OpenNMT's -config YAML (-con is also -context_gate)
 
 
 def add_options(parser) -> None:  # noqa: ANN001
@@ -70,6 +89,64 @@ def add_options(parser) -> None:  # noqa: ANN001
         "memory (about 8*K+4 bytes per target token), so the teacher runs once per example "
         "instead of once per batch. An approximation. 0 (default): the full teacher, exactly.",
     )
+
+
+def _option_name(token: str) -> str | None:
+    """The option a command-line token names: ``-x``, ``--x`` or ``--x=v`` gives ``x``."""
+    if not token.startswith("-") or token in ("-", "--") or token[1:2].isdigit():
+        return None
+    return token.lstrip("-").split("=", 1)[0]
+
+
+def _ours(name: str) -> str | None:
+    """Our option that ``name`` spells out or abbreviates the way argparse accepts."""
+    for option, shortest in OPTIONS.items():
+        if option.startswith(name) and len(name) >= shortest:
+            return option
+    return None
+
+
+def _config_files(argv: list[str]) -> list[str]:
+    config, shortest = CONFIG_OPTION
+    found = []
+    for i, token in enumerate(argv):
+        name = _option_name(token)
+        if name is None or not (config.startswith(name) and len(name) >= shortest):
+            continue
+        if "=" in token:
+            found.append(token.split("=", 1)[1])
+        elif i + 1 < len(argv):
+            found.append(argv[i + 1])
+    return found
+
+
+def named_options(argv: list[str]) -> list[tuple[str, str]]:
+    """The qdistill options an ``onmt_train`` command line names, directly or as keys of its
+    ``-config`` YAML file: ``(option, how it was given)`` pairs. Cheap: string tests, and the
+    YAML (which OpenNMT reads anyway) only when there is one."""
+    named = []
+    for token in argv:
+        if token == "--":
+            break
+        name = _option_name(token)
+        option = _ours(name) if name else None
+        if option is not None:
+            named.append((option, token.split("=", 1)[0]))
+    for path in _config_files(argv):
+        if not os.path.isfile(path):
+            continue  # OpenNMT says so itself
+        try:
+            import yaml
+
+            with open(path, encoding="utf-8") as handle:
+                config = yaml.safe_load(handle)
+        except Exception:  # not YAML: OpenNMT says so itself
+            continue
+        for key in config if isinstance(config, dict) else ():
+            option = _ours(str(key).lstrip("-"))
+            if option is not None:
+                named.append((option, f"{key} in {path}"))
+    return named
 
 
 UNSUPPORTED = (

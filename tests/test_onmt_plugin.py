@@ -7,8 +7,10 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -241,7 +243,7 @@ def test_ctranslate2_export_errors_are_one_line(corpus, transformer, tmp_path):
         ),
         (["missing.pt", "-o", tmp_path / "m"], "no such file: missing.pt"),
         (["src-val.txt", "-o", tmp_path / "txt"], "not a PyTorch checkpoint"),
-        ([transformer, "-o", corpus], "exists; remove it or pass --force"),
+        ([transformer, "-o", corpus], "contains the input"),
     ):
         done = _run([BIN / "qdistill", "onmt-export-ct2", *args], corpus, check=False)
         assert done.returncode == 2, done.stderr
@@ -300,3 +302,73 @@ def test_start_up_errors_are_one_line(corpus, extra, message):
     errors = [line for line in done.stderr.splitlines() if line.startswith("qdistill: error")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in done.stderr
     assert not list(corpus.glob("bad_step_*.pt"))
+
+
+def test_quantized_run_logs_its_settings_once_and_labels_validation(corpus):
+    settings = "-quant_bits 3 -quant_bucket_size 32 -distill_temperature 2 -distill_alpha 0.5"
+    done = _distil(corpus, "logged", *settings.split(), "-distill_topk", "4")
+    active = [line for line in done.stderr.splitlines() if "quantized distillation active" in line]
+    assert len(active) == 1, done.stderr[-3000:]
+    for shown in (
+        "3-bit uniform quantization",
+        "buckets of 32 weights",
+        "nearest rounding",
+        "teacher teacher_step_10.pt",
+        "temperature 2",
+        "alpha 0.5",
+        "top-4 logits",
+    ):
+        assert shown in active[0], active[0]
+    ours = re.findall(
+        r"qdistill: validation of the quantized student \(3-bit uniform\): "
+        r"perplexity (\S+), accuracy (\S+)",
+        done.stderr,
+    )
+    theirs = re.findall(r"Validation perplexity: (\S+)", done.stderr)
+    accuracy = re.findall(r"Validation accuracy: (\S+)", done.stderr)
+    assert len(ours) == 1 and ours == list(zip(theirs, accuracy)), done.stderr[-3000:]
+
+
+def _kill_at_first_checkpoint(corpus: Path, name: str, *extra: str) -> list[Path]:
+    """Run onmt_train saving a 20 MB checkpoint every step, and SIGKILL it the moment a
+    checkpoint name appears: before, OpenNMT's torch.save was then still writing that file."""
+    config = _config(
+        corpus,
+        hidden_size=256,
+        word_vec_size=256,
+        save_checkpoint_steps=1,
+        train_steps=30,
+        valid_steps=1000,
+    )
+    args = [BIN / "onmt_train", "-config", config, "-save_model", name, *extra]
+    log = corpus / f"{name}.log"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(args, cwd=corpus, env=_env(), stdout=stderr, stderr=stderr)
+        deadline = time.monotonic() + 300
+        try:
+            while process.poll() is None and time.monotonic() < deadline:
+                if any(e.name.startswith(f"{name}_step_") for e in os.scandir(corpus)):
+                    os.kill(process.pid, signal.SIGKILL)
+                    break
+                time.sleep(0.0005)
+        finally:
+            if process.poll() is None and time.monotonic() >= deadline:
+                process.kill()
+            process.wait()
+    assert process.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    return sorted(corpus.glob(f"{name}_step_*.pt"))
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["plain", "quantized"])
+def test_kill_during_a_checkpoint_write_leaves_only_complete_checkpoints(corpus, quantized):
+    from compressor.files import load_checkpoint
+
+    name = "killed_student" if quantized else "killed_plain"
+    extra = ["-quantized_distill", "-teacher_model", "teacher_step_10.pt", "-quant_bits", "4"]
+    saved = _kill_at_first_checkpoint(corpus, name, *(extra if quantized else []))
+    assert saved
+    for path in saved:
+        checkpoint = load_checkpoint(path)  # complete, or it would not be there
+        assert {"model", "generator", "vocab", "opt", "optim"} <= checkpoint.keys()
+        # A student's checkpoint is the quantized one from the start, never OpenNMT's draft.
+        assert ("qdistill" in checkpoint) == quantized
