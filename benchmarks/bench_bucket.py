@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 import compressor
 from benchmarks.bench_cifar import WORK
 from benchmarks.common import load_result, write_result
-from compressor.packed import entropy_ans_available
+from compressor.format.packed import entropy_ans_available
 from recipes import cifar
 from recipes import small_runs as runs
 from recipes.experiments import load_recipe

@@ -14,7 +14,7 @@ def _quantize(args: argparse.Namespace) -> int:
     import torch
 
     import compressor
-    from compressor.checkpoints import CheckpointError, load_checkpoint
+    from compressor.format.files import CheckpointError, load_checkpoint
     from onmt_plugin.checkpoint import split_generator
 
     source = Path(args.checkpoint)

@@ -28,8 +28,8 @@ _SAME_ATTENTION = {"scaled-dot-flash": "scaled-dot"}
 
 def load_onmt_checkpoint(path: Path) -> dict:
     """An OpenNMT-py checkpoint from a ``.pt`` file or a packed file, loaded safely."""
-    from compressor.checkpoints import CheckpointError, load_checkpoint
-    from compressor.packed import PackedFormatError, is_packed
+    from compressor.format.files import CheckpointError, load_checkpoint
+    from compressor.format.packed import PackedFormatError, is_packed
     from onmt_plugin import packing
 
     if not path.is_file():

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import compressor
-from compressor.packed import entropy_ans_available
+from compressor.format.packed import entropy_ans_available
 from recipes import small_runs as runs
 
 CONFIGURATIONS = (

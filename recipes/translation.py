@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from compressor.packed import entropy_ans_available
+from compressor.format.packed import entropy_ans_available
 
 BIN = Path(sys.executable).parent
 SPLITS = ("train", "valid", "test")
@@ -256,7 +256,7 @@ def strip_optimizer(source: Path, target: Path) -> Path:
     compression ratio should be measured against)."""
     import torch
 
-    from compressor.checkpoints import load_checkpoint
+    from compressor.format.files import load_checkpoint
 
     if not target.exists():
         checkpoint = load_checkpoint(source)

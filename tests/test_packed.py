@@ -12,15 +12,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 import compressor
-from compressor import bitpack, entropy
-from compressor.packed import (
+from compressor import save_packed
+from compressor.format import bitpack, entropy
+from compressor.format.packed import (
     PackedFormatError,
     load_packed,
     packed_info,
     packed_summary,
-    save_packed,
 )
-from compressor.spec import QuantSpec
+from compressor.quantization.record import QuantSpec
 
 
 class Zoo(nn.Module):
@@ -320,7 +320,7 @@ def test_missing_and_wrong_files(tmp_path):
 
 def test_written_files_get_the_usual_permissions(tmp_path):
     """Not mkstemp's 0o600: a packed model is meant to be shared like any other file."""
-    from compressor.packed import default_file_mode
+    from compressor.format.packed import default_file_mode
 
     spec = QuantSpec("uniform", 4, None)
     save_packed({"w": spec.quantize(torch.randn(8))}, tmp_path / "w.qd", specs={"w": spec})

@@ -22,8 +22,9 @@ from safetensors.numpy import save as st_save
 from torch import nn
 
 import compressor
-from compressor.packed import PackedFormatError, _checksum, load_packed, save_packed
-from compressor.spec import QuantSpec
+from compressor import save_packed
+from compressor.format.packed import PackedFormatError, _checksum, load_packed
+from compressor.quantization.record import QuantSpec
 
 HOSTILE_NUMBERS = [0, 1, -1, 7, 255, 256, 2**16, 2**31, 2**40, 2**63, 10**30, 1.5, None, "x", []]
 

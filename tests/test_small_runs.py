@@ -9,8 +9,8 @@ import torch
 from conftest import data_path
 
 import compressor
-import compressor.activations
-from compressor.training import DistillConfig, quantized_distillation
+import compressor.surgery.activations
+from compressor.training.quantized_distillation import DistillConfig, quantized_distillation
 from recipes import small_runs
 
 CONFIG = small_runs.SmallRunConfig(train_images=3000, test_images=1000, steps=200)

@@ -74,7 +74,7 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix in (".qd", ".safetensors") or head[8:9] == b"{":
         from safetensors import SafetensorError
 
-        from compressor.packed import PackedFormatError, load_packed
+        from compressor.format.packed import PackedFormatError, load_packed
 
         try:
             return load_packed(path)[0]
@@ -85,7 +85,7 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
                 return load_file(str(path))
             except SafetensorError as exc:
                 raise ModelError(f"{path}: unreadable weights ({exc})") from None
-    from compressor.checkpoints import CheckpointError, load_checkpoint
+    from compressor.format.files import CheckpointError, load_checkpoint
 
     try:
         checkpoint = load_checkpoint(path)

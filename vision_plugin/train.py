@@ -23,8 +23,8 @@ from torch import nn
 from tqdm import tqdm
 
 import compressor
-from compressor.checkpoints import CheckpointError, load_checkpoint
-from compressor.distillation import distillation_loss
+from compressor.format.files import CheckpointError, load_checkpoint
+from compressor.training.distillation import distillation_loss
 from vision_plugin.data import DataError, load_data
 from vision_plugin.models import ModelError, build_model, build_teacher, load_state, load_weights_
 

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor.api import cached
-from compressor.distillation import check_distillation_settings, distillation_loss
-from compressor.training import cycle, freeze_
+from compressor.surgery.quantize import cached
+from compressor.training.distillation import check_distillation_settings, distillation_loss
+from compressor.training.quantized_distillation import cycle, freeze_
 
 PHASES = ("self-studying", "co-studying", "tutoring")
 

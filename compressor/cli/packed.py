@@ -60,7 +60,7 @@ def load_checkpoint_state(path: str | os.PathLike) -> tuple[dict, dict, dict]:
             return load_file(str(path)), {}, {}
         except Exception as exc:
             raise UsageError(f"{path}: not a readable safetensors file ({exc})") from None
-    from compressor.checkpoints import CheckpointError, load_checkpoint
+    from compressor.format.files import CheckpointError, load_checkpoint
 
     try:
         checkpoint = load_checkpoint(path)
@@ -104,9 +104,9 @@ def pack_checkpoint(
     tensors must hold quantized values and are stored exactly (verified bit for bit); the
     ``shadow`` weights of a training checkpoint give the codes of learned (differentiable)
     grids. Returns the size of the written file in bytes."""
-    from compressor.packed import save_packed
-    from compressor.quantizers import quantile_points
-    from compressor.spec import QuantSpec
+    from compressor.format.packed import write_packed
+    from compressor.quantization.grids import quantile_points
+    from compressor.quantization.record import QuantSpec
 
     tensors, specs = {}, {}
     if recorded_specs:
@@ -136,13 +136,13 @@ def pack_checkpoint(
             tensors[name] = spec.quantize(value)
         if not specs:
             raise UsageError("no tensor selected for quantization (check --include/--exclude)")
-    return save_packed(
+    return write_packed(
         tensors, output, metadata=metadata, specs=specs, entropy=entropy, shadow=shadow
     )
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from compressor.packed import PackedFormatError, packed_summary
+    from compressor.format.packed import PackedFormatError, packed_summary
 
     path = _existing_file(args.file)
     try:
@@ -234,7 +234,7 @@ def _pack(args: argparse.Namespace) -> int:
 def _unpack(args: argparse.Namespace) -> int:
     import torch
 
-    from compressor.packed import PackedFormatError, load_packed
+    from compressor.format.packed import PackedFormatError, load_packed
 
     source = _existing_file(args.file)
     output = _output_path(args.output)
@@ -244,7 +244,7 @@ def _unpack(args: argparse.Namespace) -> int:
         state, metadata = load_packed(source)
     except PackedFormatError as exc:
         raise UsageError(str(exc)) from None
-    from compressor.packed import default_file_mode
+    from compressor.format.packed import default_file_mode
 
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent or ".")
     os.fchmod(fd, default_file_mode())

@@ -8,7 +8,6 @@ work: a plugin supplies ``forward(model, inputs) -> logits`` and its own data.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor.api import cached, materialize_
-from compressor.distillation import (
+from compressor.surgery.quantize import cached
+from compressor.training.distillation import (
     TopKLogits,
     check_distillation_settings,
     combine_terms,
@@ -152,20 +151,3 @@ def quantized_distillation(
         if on_step is not None:
             on_step(step, record)
     return history
-
-
-def finish_(
-    student: nn.Module,
-    packed_path: str | os.PathLike | None = None,
-    entropy: str | None = None,
-    metadata: dict | None = None,
-) -> nn.Module:
-    """The final quantization of Algorithm 1: optionally write the packed file (encoded from
-    the shadow weights, exactly what the student computes with), then materialize the
-    quantized weights in place."""
-    student.eval()
-    if packed_path is not None:
-        from compressor.packed import save_packed
-
-        save_packed(student, packed_path, metadata=metadata, entropy=entropy)
-    return materialize_(student)
