@@ -38,7 +38,7 @@ from benchmarks.common import (
     timings,
     write_result,
 )
-from compressor.training.quantized_distillation import DistillConfig, distill_step, freeze_
+from compressor.training.step import DistillConfig, distill_step, freeze_
 from recipes import small_runs as runs
 from recipes.experiments import load_recipe
 

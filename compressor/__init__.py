@@ -95,12 +95,8 @@ from compressor.training.qkd import (
     QKDSchedule,
     qkd_train,
 )
-from compressor.training.quantized_distillation import (
-    DistillConfig,
-    distill_step,
-    freeze_,
-    quantized_distillation,
-)
+from compressor.training.quantized_distillation import quantized_distillation
+from compressor.training.step import DistillConfig, distill_step, freeze_
 
 __version__ = "0.1.0"
 

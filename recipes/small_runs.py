@@ -26,7 +26,8 @@ import compressor
 from compressor.training.bit_allocation import allocate_bits
 from compressor.training.differentiable import differentiable_quantization
 from compressor.training.qkd import QKDSchedule, qkd_train
-from compressor.training.quantized_distillation import DistillConfig, quantized_distillation
+from compressor.training.quantized_distillation import quantized_distillation
+from compressor.training.step import DistillConfig
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MEAN = (0.4914, 0.4822, 0.4465)

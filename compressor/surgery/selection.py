@@ -95,8 +95,8 @@ def select(candidates: Candidates, config: QuantConfig) -> Candidates:
     module), minus ``exclude``, minus the first and last module with ``keep_first_last``."""
     if not candidates:
         raise ValueError(
-            "nothing to quantize: no Linear, Conv, Embedding, attention or recurrent layer "
-            "(or, in a state dict, no floating-point weight of two or more dimensions)"
+            "nothing to quantize: no quantizable layer (Linear, Conv, Embedding, attention, "
+            "recurrent; in a state dict, a floating-point weight of two or more dimensions)"
         )
     names = [n for n, _ in candidates]
     if config.include is not None:

@@ -15,7 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from compressor.surgery.quantize import materialize_, shadow_state_dict
 from compressor.surgery.quantizers import DifferentiableQuantizer
+from compressor.training.quantized_distillation import quantized_distillation
+from compressor.training.step import DistillConfig
 
 
 def point_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -79,9 +82,6 @@ def differentiable_quantization(
     ran into one end of [0, 1] within 300 steps and merged, leaving the layer constant per
     bucket. 1e-5 is what the paper's reference code used for its CIFAR-10 CNNs.
     """
-    from compressor.surgery.quantize import materialize_, shadow_state_dict
-    from compressor.training.quantized_distillation import DistillConfig, quantized_distillation
-
     if not point_parameters(student):
         raise ValueError(
             "the student has no learnable points: quantize it with method='differentiable'"
