@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import compressor
-from compressor.checkpoints import load_checkpoint
+from compressor.format.files import load_checkpoint
 
 
 def split_generator(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:

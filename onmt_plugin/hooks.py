@@ -117,7 +117,7 @@ def _patch_model_saver(model_saver: ModuleType) -> None:
     load_checkpoint = model_saver.load_checkpoint
 
     def load_packed_or_checkpoint(ckpt_path):  # noqa: ANN001, ANN202
-        from compressor.packed import is_packed
+        from compressor.format.packed import is_packed
 
         if ckpt_path and is_packed(ckpt_path):
             from onmt_plugin.packing import load
