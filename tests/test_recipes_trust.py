@@ -20,8 +20,8 @@ import pytest
 import torch
 import torchvision
 
-from compressor import files
 from compressor.cli import main as qdistill
+from compressor.format import files
 from recipes import translation
 
 ROOT = Path(__file__).resolve().parents[1]
