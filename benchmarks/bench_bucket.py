@@ -20,8 +20,8 @@ from safetensors.torch import save as safetensors_bytes
 import compressor
 from benchmarks.bench_cifar import WORK
 from benchmarks.common import load_result, write_result
-from compressor.files import atomic_write_bytes
-from compressor.packed import entropy_ans_available
+from compressor.format.files import atomic_write_bytes
+from compressor.format.packed import entropy_ans_available
 from recipes import cifar
 from recipes import small_runs as runs
 from recipes.experiments import load_recipe

@@ -165,7 +165,7 @@ def translation(folder: Path, repeats: int, threads: int) -> dict:
 def loading(folder: Path, repeats: int) -> dict:
     """The packed student against the same weights unpacked into an fp32 checkpoint."""
     from compressor.cli import main as qdistill
-    from compressor.files import load_checkpoint
+    from compressor.format.files import load_checkpoint
     from onmt_plugin import packing
 
     packed = folder / "student_qd4.qd"

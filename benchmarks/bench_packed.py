@@ -15,7 +15,7 @@ from torch import nn
 
 import compressor
 from benchmarks.common import ratio, timings, write_result
-from compressor.packed import packed_summary
+from compressor.format.packed import packed_summary
 
 
 def build_model(params: int, width: int = 2048) -> nn.Sequential:

@@ -12,7 +12,7 @@ import time
 import torch
 
 from benchmarks.common import ratio, timings, write_result
-from compressor import quantizers
+from compressor.quantization import grids as quantizers
 
 
 def main(argv: list[str] | None = None) -> dict:

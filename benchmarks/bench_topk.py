@@ -18,7 +18,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from benchmarks.common import write_result
-from compressor.files import atomic_directory
+from compressor.format.files import atomic_directory
 from onmt_plugin.demo import DEMO_SCALE, SAMPLE
 from recipes.translation import Corpus, run
 

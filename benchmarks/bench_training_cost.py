@@ -38,8 +38,8 @@ from benchmarks.common import (
     timings,
     write_result,
 )
-from compressor.files import atomic_write_text
-from compressor.training import DistillConfig, distill_step, freeze_
+from compressor.format.files import atomic_write_text
+from compressor.training.step import DistillConfig, distill_step, freeze_
 from recipes import small_runs as runs
 from recipes.experiments import load_recipe
 

@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 
 from benchmarks.common import RESULTS, load_result
-from compressor.files import atomic_write_bytes, atomic_write_json
+from compressor.format.files import atomic_write_bytes, atomic_write_json
 from recipes.experiments import load_recipe, run_recipe
 
 HERE = Path(__file__).resolve().parent

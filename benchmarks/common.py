@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from compressor.files import atomic_write_json
+from compressor.format.files import atomic_write_json
 from recipes.environment import environment
 
 RESULTS = Path(__file__).resolve().parent / "results"

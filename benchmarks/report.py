@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from benchmarks.common import RESULTS
-from compressor.files import atomic_write, atomic_write_text
+from compressor.format.files import atomic_write, atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 

@@ -1,71 +1,21 @@
-"""qdistill's compression core: bucketed quantizers, quantization parametrizations,
-distillation and packed model files. Depends on torch and numpy only."""
+"""qdistill's compression core, in layers that import one way (each only from those above it
+in this list): ``quantization`` (tensor math), ``surgery`` (quantizers on a model's weights),
+``format`` (packed files, atomic writes, safe loading), ``training`` (distillation
+algorithms), ``cli`` (the ``qdistill`` command). Depends on torch and numpy only; this module
+re-exports the public API."""
 
-__version__ = "0.1.0"
-
-from compressor.activations import (  # noqa: E402
-    activation_quantizers,
-    insert_activation_quantizers,
-)
-from compressor.api import (  # noqa: E402
-    cached,
-    load_shadow_state_dict,
-    materialize_,
-    quantizable_weights,
-    quantization_specs,
-    quantize_,
-    quantized_state_dict,
-    quantized_tensors,
-    shadow_state_dict,
-)
-from compressor.bit_allocation import (  # noqa: E402
-    allocate_bits,
-    effective_bits,
-    share_points,
-    weight_importance,
-    weight_sizes,
-)
-from compressor.files import (  # noqa: E402
+from compressor.format.files import (
     CheckpointError,
     load_checkpoint,
 )
-from compressor.config import (  # noqa: E402
-    QuantConfig,
-)
-from compressor.differentiable import (  # noqa: E402
-    DifferentiableQuantizer,
-    constrain_points_,
-    differentiable_quantization,
-    freeze_shadow_weights_,
-    keep_points_constrained,
-    point_parameters,
-)
-from compressor.distillation import (  # noqa: E402
-    TopKLogits,
-    distillation_loss,
-)
-from compressor.lsq import (  # noqa: E402
-    LsqActivationQuantizer,
-    LsqWeightQuantizer,
-    lsq_quantize,
-)
-from compressor.packed import (  # noqa: E402
+from compressor.format.packed import (
     PackedFormatError,
     is_packed,
     load_packed,
     packed_info,
-    save_packed,
+    write_packed,
 )
-from compressor.parametrizations import (  # noqa: E402
-    NonUniformQuantizer,
-    UniformQuantizer,
-    WeightQuantizer,
-)
-from compressor.qkd import (  # noqa: E402
-    QKDSchedule,
-    qkd_train,
-)
-from compressor.quantizers import (  # noqa: E402
+from compressor.quantization.grids import (
     BucketCodes,
     decode_nonuniform,
     decode_uniform,
@@ -76,20 +26,79 @@ from compressor.quantizers import (  # noqa: E402
     quantize_tensor,
     uniform_points,
 )
-from compressor.report import (  # noqa: E402
+from compressor.quantization.lsq import (
+    lsq_quantize,
+)
+from compressor.quantization.record import (
+    QuantRecord,
+    QuantSpec,
+)
+from compressor.surgery.activations import (
+    activation_quantizers,
+    insert_activation_quantizers,
+)
+from compressor.surgery.config import (
+    QuantConfig,
+)
+from compressor.surgery.quantize import (
+    cached,
+    load_shadow_state_dict,
+    materialize_,
+    quantization_record,
+    quantization_specs,
+    quantize_,
+    quantize_state_dict,
+    quantized_state_dict,
+    quantized_tensors,
+    shadow_state_dict,
+)
+from compressor.surgery.quantizers import (
+    DifferentiableQuantizer,
+    LsqActivationQuantizer,
+    LsqWeightQuantizer,
+    NonUniformQuantizer,
+    UniformQuantizer,
+    WeightQuantizer,
+)
+from compressor.surgery.report import (
     SizeReport,
     size_report,
 )
-from compressor.spec import (  # noqa: E402
-    QuantSpec,
+from compressor.surgery.selection import (
+    is_layer_weight,
+    quantizable_weights,
+    register_weights,
 )
-from compressor.training import (  # noqa: E402
-    DistillConfig,
-    distill_step,
+from compressor.training.bit_allocation import (
+    allocate_bits,
+    effective_bits,
+    share_points,
+    weight_importance,
+    weight_sizes,
+)
+from compressor.training.differentiable import (
+    constrain_points_,
+    differentiable_quantization,
+    freeze_shadow_weights_,
+    keep_points_constrained,
+    point_parameters,
+)
+from compressor.training.distillation import (
+    TopKLogits,
+    distillation_loss,
+)
+from compressor.training.finish import (
     finish_,
-    freeze_,
-    quantized_distillation,
+    save_packed,
 )
+from compressor.training.qkd import (
+    QKDSchedule,
+    qkd_train,
+)
+from compressor.training.quantized_distillation import quantized_distillation
+from compressor.training.step import DistillConfig, distill_step, freeze_
+
+__version__ = "0.1.0"
 
 __all__ = [
     "__version__",
@@ -103,6 +112,7 @@ __all__ = [
     "PackedFormatError",
     "QKDSchedule",
     "QuantConfig",
+    "QuantRecord",
     "QuantSpec",
     "SizeReport",
     "TopKLogits",
@@ -136,8 +146,12 @@ __all__ = [
     "qkd_train",
     "quantile_points",
     "quantizable_weights",
+    "quantization_record",
     "quantization_specs",
     "quantize_",
+    "quantize_state_dict",
+    "register_weights",
+    "is_layer_weight",
     "quantize_nonuniform",
     "quantize_tensor",
     "quantized_distillation",
@@ -150,4 +164,5 @@ __all__ = [
     "uniform_points",
     "weight_importance",
     "weight_sizes",
+    "write_packed",
 ]

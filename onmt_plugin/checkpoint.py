@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import compressor
-from compressor.files import atomic_save, load_checkpoint
+from compressor.format.files import atomic_save, load_checkpoint
 
 
 def split_generator(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:

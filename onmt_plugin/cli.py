@@ -13,7 +13,13 @@ COMMAND = "onmt-quantize"
 
 def _quantize(args: argparse.Namespace) -> int:
     import compressor
-    from compressor.files import WRITTEN_BY, atomic_save, check_output, load_checkpoint, written_by
+    from compressor.format.files import (
+        WRITTEN_BY,
+        atomic_save,
+        check_output,
+        load_checkpoint,
+        written_by,
+    )
     from onmt_plugin.checkpoint import split_generator
 
     source = Path(args.checkpoint)

@@ -34,7 +34,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from compressor.files import atomic_write_json, check_output
+from compressor.format.files import atomic_write_json, check_output
 
 # OpenNMT-py 3.5 ends a run with -tgt by the mean gold score per sentence and the count.
 _GOLD = re.compile(r"GOLD SCORE: (-?[0-9.]+(?:e[-+]?\d+)?), GOLD PPL: \S+ NB SENTENCES: (\d+)")

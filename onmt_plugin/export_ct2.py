@@ -16,7 +16,12 @@ import argparse
 from pathlib import Path
 
 from compressor.cli import UsageError
-from compressor.files import atomic_directory, atomic_save, check_output_dir, write_export_marker
+from compressor.format.files import (
+    atomic_directory,
+    atomic_save,
+    check_output_dir,
+    write_export_marker,
+)
 
 QUANTIZATIONS = ("float32", "int8", "int8_float32", "int16", "float16", "bfloat16",
                  "int8_float16", "int8_bfloat16")  # fmt: skip
@@ -26,8 +31,8 @@ _SAME_ATTENTION = {"scaled-dot-flash": "scaled-dot"}
 
 def load_onmt_checkpoint(path: Path) -> dict:
     """An OpenNMT-py checkpoint from a ``.pt`` file or a packed file, loaded safely."""
-    from compressor.files import CheckpointError, load_checkpoint
-    from compressor.packed import PackedFormatError, is_packed
+    from compressor.format.files import CheckpointError, load_checkpoint
+    from compressor.format.packed import PackedFormatError, is_packed
     from onmt_plugin import packing
 
     if not path.is_file():
@@ -68,7 +73,8 @@ def export(
     the target and renamed. An existing ``output_dir`` is replaced only with ``force`` and only
     when it is an earlier export of ours that holds nothing else (a marker file lists what we
     wrote), never one that contains the source or the working directory. Raises
-    :class:`UsageError` or :class:`compressor.files.OutputError` for what the user can fix."""
+    :class:`UsageError` or :class:`compressor.format.files.OutputError` for what the user
+    can fix."""
     import torch
 
     try:

@@ -270,7 +270,7 @@ def _patch_train_single(train_single: ModuleType) -> None:
         return model
 
     def main(opt, device_id):  # noqa: ANN001, ANN202
-        from compressor.files import CheckpointError
+        from compressor.format.files import CheckpointError
         from onmt_plugin.bootstrap import CONSOLE_ENV
 
         try:
@@ -344,7 +344,7 @@ class _AtomicTorch:
     def save(self, obj, f, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN201
         if args or kwargs or not isinstance(f, (str, os.PathLike)):
             return self._torch.save(obj, f, *args, **kwargs)
-        from compressor.files import atomic_save
+        from compressor.format.files import atomic_save
 
         model = _Saving.model
         if getattr(model, "_qdistill", None) is not None and isinstance(obj, dict):
@@ -381,8 +381,8 @@ def _patch_model_saver(model_saver: ModuleType) -> None:
     load_checkpoint = model_saver.load_checkpoint
 
     def load_packed_or_checkpoint(ckpt_path):  # noqa: ANN001, ANN202
-        from compressor.files import CheckpointError
-        from compressor.packed import is_packed
+        from compressor.format.files import CheckpointError
+        from compressor.format.packed import is_packed
 
         if ckpt_path and is_packed(ckpt_path):
             from onmt_plugin.packing import load
@@ -409,7 +409,7 @@ def _patch_translate(translate: ModuleType) -> None:
     original = translate.main
 
     def main(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        from compressor.files import CheckpointError
+        from compressor.format.files import CheckpointError
 
         try:
             return original(*args, **kwargs)

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if current:
         print(f"installed: {current[0]} (switch off with {ENV_SWITCH}=0; check: qdistill doctor)")
         return 0
-    from compressor.files import atomic_write_text
+    from compressor.format.files import atomic_write_text
 
     path = pth_path()
     atomic_write_text(path, PTH_LINE)

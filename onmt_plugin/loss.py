@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from compressor.distillation import distillation_loss
+from compressor.training.distillation import distillation_loss
 from onmt_plugin.student import teacher_targets
 
 

@@ -67,7 +67,7 @@ def to_checkpoint(state: Mapping[str, torch.Tensor], metadata: Mapping) -> dict:
 
 def load(path: str | os.PathLike) -> dict:
     """An OpenNMT-py checkpoint from a packed file; ``ValueError`` says what is wrong."""
-    from compressor.packed import load_packed
+    from compressor.format.packed import load_packed
 
     state, metadata = load_packed(path)
     if metadata.get("checkpoint_format") != "onmt":

@@ -62,7 +62,7 @@ def prepare_student(model, opt, vocabs, checkpoint, device_id, settings, build, 
     if checkpoint is not None and "qdistill" in checkpoint:
         saved = checkpoint["qdistill"]
         compressor.load_shadow_state_dict(model, saved["shadow"])
-        compressor.api.copy_into_(model, saved.get("quantizer_state") or {})
+        compressor.surgery.quantize.copy_into_(model, saved.get("quantizer_state") or {})
     device = next(model.parameters()).device
     model.__dict__["_qdistill"] = DistillState(teacher.to(device), settings)
     _quantize_once_per_forward(model)

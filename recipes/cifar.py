@@ -24,14 +24,14 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 import compressor
-from compressor.files import (
+from compressor.format.files import (
     CheckpointError,
     atomic_save,
     atomic_write_bytes,
     atomic_write_json,
     load_checkpoint,
 )
-from compressor.packed import entropy_ans_available
+from compressor.format.packed import entropy_ans_available
 from recipes import small_runs as runs
 
 CONFIGURATIONS = (

@@ -50,7 +50,7 @@ def _check_input(path: str) -> None:
 
 
 def _check_output(args: argparse.Namespace):
-    from compressor.files import check_output, written_by
+    from compressor.format.files import check_output, written_by
     from recipes.shrink_vision import SHRINK
 
     return check_output(
@@ -116,7 +116,7 @@ def _shrink_vision(args: argparse.Namespace) -> int:
                 num_classes=args.num_classes,
                 cifar_stem=args.cifar_stem,
             )
-    except ValueError as exc:  # also compressor.files.CheckpointError
+    except ValueError as exc:  # also compressor.format.files.CheckpointError
         raise UsageError(str(exc)) from None
     save_references_checkpoint(student, summary, output)
     print(json.dumps({**summary, "output": args.output}))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from compressor.files import atomic_write_json
+from compressor.format.files import atomic_write_json
 from recipes.environment import environment
 
 CONFIGS = Path(__file__).resolve().parent / "configs"

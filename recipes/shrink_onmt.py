@@ -13,7 +13,13 @@ import copy
 import os
 import re
 
-from compressor.files import WRITTEN_BY, atomic_save, check_output, load_checkpoint, written_by
+from compressor.format.files import (
+    WRITTEN_BY,
+    atomic_save,
+    check_output,
+    load_checkpoint,
+    written_by,
+)
 from recipes.shrink_vision import select_indices
 
 # (side, regex with the layer index as group "k"); first match wins.
@@ -28,7 +34,7 @@ LAYER_PATTERNS = [
 
 def load_onmt_checkpoint(path: str | os.PathLike) -> dict:
     """An OpenNMT-py checkpoint, loaded by the one safe loader
-    (:func:`compressor.files.load_checkpoint`, which raises ``CheckpointError`` for a file
+    (:func:`compressor.format.files.load_checkpoint`, which raises ``CheckpointError`` for a file
     that is not a checkpoint) and checked to hold a model and its options."""
     checkpoint = load_checkpoint(path)
     if (
@@ -114,7 +120,8 @@ def shrink_onmt_file(
 ) -> dict:
     """Shrink the checkpoint at ``src`` into ``dst`` (written atomically, marked as a
     ``qdistill shrink`` output); returns the summary. ``dst`` is checked before any work by
-    :func:`compressor.files.check_output`: never ``src`` itself, and an existing file only with
+    :func:`compressor.format.files.check_output`: never ``src`` itself, and an existing file
+    only with
     ``force`` and only if an earlier shrink wrote it."""
     from recipes.shrink_vision import SHRINK
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compressor.files import WRITTEN_BY, atomic_save, load_checkpoint
+from compressor.format.files import WRITTEN_BY, atomic_save, load_checkpoint
 
 SHRINK = "shrink"
-"""The :data:`compressor.files.WRITTEN_BY` mark of a ``qdistill shrink`` output."""
+"""The :data:`compressor.format.files.WRITTEN_BY` mark of a ``qdistill shrink`` output."""
 
 RESNET_LAYOUTS = {
     "resnet18": ("basic", [2, 2, 2, 2], 64),
@@ -62,7 +62,7 @@ def select_indices(count: int, keep: int, select: str | Sequence[int]) -> list[i
 
 def load_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a torchvision references checkpoint ({"model": ...}, with its
-    ``args`` Namespace) or a bare one, loaded by :func:`compressor.files.load_checkpoint`
+    ``args`` Namespace) or a bare one, loaded by :func:`compressor.format.files.load_checkpoint`
     (raises its ``CheckpointError``, a ``ValueError``, for a file that is not one)."""
     state = load_checkpoint(checkpoint)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
@@ -290,7 +290,7 @@ def shrink_vgg(
 def save_references_checkpoint(model: nn.Module, summary: dict, output: str | Path) -> None:
     """Write {"model", "optimizer", "lr_scheduler", "epoch", "args"} atomically, marked as a
     ``qdistill shrink`` output (callers check ``output`` first with
-    :func:`compressor.files.check_output`)."""
+    :func:`compressor.format.files.check_output`)."""
     checkpoint = {
         "model": model.state_dict(),
         "optimizer": None,

@@ -22,11 +22,12 @@ from torch import nn
 from tqdm import tqdm
 
 import compressor
-from compressor.bit_allocation import allocate_bits
-from compressor.differentiable import differentiable_quantization
-from compressor.files import atomic_write_json
-from compressor.qkd import QKDSchedule, qkd_train
-from compressor.training import DistillConfig, quantized_distillation
+from compressor.format.files import atomic_write_json
+from compressor.training.bit_allocation import allocate_bits
+from compressor.training.differentiable import differentiable_quantization
+from compressor.training.qkd import QKDSchedule, qkd_train
+from compressor.training.quantized_distillation import quantized_distillation
+from compressor.training.step import DistillConfig
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MEAN = (0.4914, 0.4822, 0.4465)

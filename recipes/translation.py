@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from compressor.files import (
+from compressor.format.files import (
     CheckpointError,
     atomic_save,
     atomic_write,
@@ -35,7 +35,7 @@ from compressor.files import (
     atomic_write_text,
     load_checkpoint,
 )
-from compressor.packed import entropy_ans_available
+from compressor.format.packed import entropy_ans_available
 
 BIN = Path(sys.executable).parent
 SPLITS = ("train", "valid", "test")

@@ -9,10 +9,12 @@ import torch
 from torch import nn
 
 import compressor
-from compressor.activations import activation_quantizers, insert_activation_quantizers
-from compressor.lsq import LsqActivationQuantizer, lsq_quantize
-from compressor.packed import load_packed, save_packed
-from compressor.quantizers import _round_significand
+from compressor import save_packed
+from compressor.format.packed import load_packed
+from compressor.quantization.grids import _round_significand
+from compressor.quantization.lsq import lsq_quantize
+from compressor.surgery.activations import activation_quantizers, insert_activation_quantizers
+from compressor.surgery.quantizers import LsqActivationQuantizer
 
 
 def _reference_grads(x, step, qn, qp, g, upstream):

@@ -11,14 +11,15 @@ from hypothesis import strategies as st
 from torch import nn
 
 import compressor
-from compressor.bit_allocation import (
+from compressor import save_packed
+from compressor.format.packed import load_packed, packed_info
+from compressor.quantization.grids import MAX_BITS
+from compressor.training.bit_allocation import (
     allocate_bits,
     effective_bits,
     share_points,
     weight_importance,
 )
-from compressor.packed import load_packed, packed_info, save_packed
-from compressor.quantizers import MAX_BITS
 
 
 def _model():

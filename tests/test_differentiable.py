@@ -9,23 +9,24 @@ import torch
 from torch import nn
 
 import compressor
-from compressor.differentiable import (
-    DifferentiableQuantizer,
-    constrain_points_,
-    differentiable_quantization,
-    freeze_shadow_weights_,
-    keep_points_constrained,
-    point_parameters,
-)
-from compressor.distillation import distillation_loss
-from compressor.packed import load_packed, save_packed
-from compressor.quantizers import (
+from compressor import save_packed
+from compressor.format.packed import load_packed
+from compressor.quantization.grids import (
     BucketCodes,
     decode_nonuniform,
     encode_nonuniform,
     quantile_points,
     quantize_nonuniform,
 )
+from compressor.surgery.quantizers import DifferentiableQuantizer
+from compressor.training.differentiable import (
+    constrain_points_,
+    differentiable_quantization,
+    freeze_shadow_weights_,
+    keep_points_constrained,
+    point_parameters,
+)
+from compressor.training.distillation import distillation_loss
 
 
 def _weight(shape=(10, 30), seed=0):

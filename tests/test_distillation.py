@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 import compressor
-from compressor.distillation import distillation_loss
-from compressor.packed import load_packed
-from compressor.training import DistillConfig, distill_step, finish_, quantized_distillation
+from compressor.format.packed import load_packed
+from compressor.training.distillation import distillation_loss
+from compressor.training.finish import finish_
+from compressor.training.quantized_distillation import quantized_distillation
+from compressor.training.step import DistillConfig, distill_step
 
 
 def _reference(student, teacher, target, t, alpha, ignore_index=-100, reduction="mean"):

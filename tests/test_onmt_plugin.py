@@ -361,7 +361,7 @@ def _kill_at_first_checkpoint(corpus: Path, name: str, *extra: str) -> list[Path
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["plain", "quantized"])
 def test_kill_during_a_checkpoint_write_leaves_only_complete_checkpoints(corpus, quantized):
-    from compressor.files import load_checkpoint
+    from compressor.format.files import load_checkpoint
 
     name = "killed_student" if quantized else "killed_plain"
     extra = ["-quantized_distill", "-teacher_model", "teacher_step_10.pt", "-quant_bits", "4"]

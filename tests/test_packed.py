@@ -12,15 +12,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 import compressor
-from compressor import bitpack, entropy
-from compressor.packed import (
+from compressor import save_packed
+from compressor.format import bitpack, entropy
+from compressor.format.packed import (
     PackedFormatError,
     load_packed,
     packed_info,
     packed_summary,
-    save_packed,
 )
-from compressor.spec import QuantSpec
+from compressor.quantization.record import QuantSpec
 
 
 class Zoo(nn.Module):
@@ -320,7 +320,7 @@ def test_missing_and_wrong_files(tmp_path):
 
 def test_written_files_get_the_usual_permissions(tmp_path):
     """Not mkstemp's 0o600: a packed model is meant to be shared like any other file."""
-    from compressor.files import default_file_mode
+    from compressor.format.files import default_file_mode
 
     spec = QuantSpec("uniform", 4, None)
     save_packed({"w": spec.quantize(torch.randn(8))}, tmp_path / "w.qd", specs={"w": spec})
@@ -334,7 +334,7 @@ def test_written_files_get_the_usual_permissions(tmp_path):
 def test_decoders_work_in_bounded_blocks(tmp_path, monkeypatch):
     """Huffman expands, rANS decodes and the histogram check counts a block at a time: tiny
     blocks give the same, exact, result."""
-    import compressor.packed as packed
+    import compressor.format.packed as packed
 
     model = _student_t_model([300, 200, 120])
     compressor.quantize_(model, compressor.QuantConfig(bits=3, bucket_size=64))

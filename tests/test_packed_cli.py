@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import compressor
-from compressor.packed import load_packed, packed_info
-from compressor.packed_cli import pack_checkpoint
-from compressor.spec import QuantSpec
+from compressor.cli.packed import pack_checkpoint
+from compressor.format.packed import load_packed, packed_info
+from compressor.quantization.record import QuantSpec
 
 
 def _qdistill(*args, cwd):

@@ -31,16 +31,16 @@ from safetensors.numpy import save as st_save
 from torch import nn
 
 import compressor
-from compressor import entropy
-from compressor.packed import (
+from compressor import save_packed
+from compressor.format import entropy
+from compressor.format.packed import (
     PackedFormatError,
     _checksum,
     load_packed,
     packed_info,
     packed_summary,
-    save_packed,
 )
-from compressor.spec import QuantSpec
+from compressor.quantization.record import QuantSpec
 
 HOSTILE_NUMBERS = [0, 1, -1, 7, 255, 256, 2**16, 2**31, 2**40, 2**63, 10**30, 1.5, None, "x", []]
 # Values of the wrong type or range for any metadata field.
@@ -416,7 +416,7 @@ def test_crafted_tied_entries_are_one_line_errors_of_the_installed_command(origi
 
 _PROBE = r"""
 import ctypes, gc, json, re, sys
-from compressor.packed import PackedFormatError, load_packed
+from compressor.format.packed import PackedFormatError, load_packed
 
 try:  # memory freed by an earlier case goes back to the system, not to the next case
     trim = ctypes.CDLL("libc.so.6").malloc_trim

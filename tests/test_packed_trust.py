@@ -19,9 +19,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from compressor.files import WRITTEN_BY
-from compressor.packed import is_packed, load_packed, packed_info
-from compressor.packed_cli import pack_checkpoint, unpacked_by_us
+from compressor.cli.packed import pack_checkpoint, unpacked_by_us
+from compressor.format.files import WRITTEN_BY
+from compressor.format.packed import is_packed, load_packed, packed_info
 
 
 def _qdistill(*args, cwd):  # noqa: ANN001, ANN002, ANN202
@@ -170,7 +170,7 @@ def test_unpacked_files_carry_a_marker_that_loading_ignores(folder, monkeypatch,
 def test_unpack_marks_a_plugin_checkpoint_at_its_top_level(folder, monkeypatch, capsys):
     """A framework's checkpoint (a dict) carries the marker as a key of its own; a plugin
     that cannot rebuild the checkpoint is a one-line error."""
-    import compressor.packed_cli as packed_cli
+    import compressor.cli.packed as packed_cli
 
     def to_checkpoint(state, metadata):  # noqa: ANN001, ANN202
         if "broken" in metadata:

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import compressor
-from compressor.distillation import distillation_loss
-from compressor.qkd import PHASES, QKDSchedule, qkd_train
+from compressor.training.distillation import distillation_loss
+from compressor.training.qkd import PHASES, QKDSchedule, qkd_train
 
 
 def _mlp(seed, width=32):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import compressor
-from compressor import quantizers
+from compressor.quantization import grids as quantizers
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

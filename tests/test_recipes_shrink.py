@@ -13,7 +13,7 @@ import torchvision
 import yaml
 from torch import nn
 
-from compressor.files import load_checkpoint
+from compressor.format.files import load_checkpoint
 from recipes.shrink_onmt import shrink_onmt_checkpoint, shrink_onmt_file
 from recipes.shrink_vision import shrink_resnet, shrink_sequential, shrink_vgg, vgg_student
 

@@ -20,8 +20,8 @@ import pytest
 import torch
 import torchvision
 
-from compressor import files
 from compressor.cli import main as qdistill
+from compressor.format import files
 from recipes import translation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,7 +243,7 @@ def test_no_direct_writes_or_unsafe_loads_in_recipes_and_benchmarks():
                         k.arg == "format" for k in node.keywords
                     ):
                         found.append(f"{rel}:{node.lineno} savefig to a path")
-    assert not found, "write through compressor.files instead: " + ", ".join(found)
+    assert not found, "write through compressor.format.files instead: " + ", ".join(found)
 
 
 class _Crash(Exception):

@@ -9,8 +9,9 @@ import torch
 from conftest import data_path
 
 import compressor
-import compressor.activations
-from compressor.training import DistillConfig, quantized_distillation
+import compressor.surgery.activations
+from compressor.training.quantized_distillation import quantized_distillation
+from compressor.training.step import DistillConfig
 from recipes import small_runs
 
 CONFIG = small_runs.SmallRunConfig(train_images=3000, test_images=1000, steps=200)
@@ -107,7 +108,7 @@ def test_qkd_w4a4(trained):
     teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
     model, history = small_runs.run_qkd(data, CONFIG, teacher, init=distilled)
     assert {r["phase"] for r in history} == {"self-studying", "co-studying", "tutoring"}
-    assert len(compressor.activations.activation_quantizers(model)) == 3  # still W4A4
+    assert len(compressor.activation_quantizers(model)) == 3  # still W4A4
     assert small_runs.accuracy(model, data) > 3 * CHANCE
     for key, value in teacher.state_dict().items():  # the run trains a copy of the teacher
         assert torch.equal(value, teacher_state[key])

@@ -62,7 +62,7 @@ def test_distils_a_4bit_student_and_packs_it(cifar10_dir, teacher_checkpoint, tm
     assert done.returncode == 0, done.stderr
     assert f"Acc@1 {summary['acc1']:.3f}" in done.stdout
     # Every quantized tensor of the export has at most 2**4 values per bucket.
-    from compressor.packed import load_packed, packed_specs
+    from compressor.format.packed import load_packed, packed_specs
 
     state, meta = load_packed(out / "student.qd")
     assert meta["model"] == "squeezenet1_1"
@@ -80,7 +80,7 @@ def test_learned_points_keep_their_own_small_learning_rate(
     args = _args(cifar10_dir, out, teacher_checkpoint, "--epochs", "1", "--quant-bits", "2",
                  "--quant-method", "differentiable", "--lr", "0.1")  # fmt: skip
     assert run(args) == 0
-    from compressor.packed import packed_specs
+    from compressor.format.packed import packed_specs
 
     specs = packed_specs(out / "student.qd")
     assert specs and all(spec.method == "nonuniform" for spec in specs.values())

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from compressor.files import atomic_write, atomic_write_text
+from compressor.format.files import atomic_write, atomic_write_text
 from vision_plugin.train import run
 
 SAMPLE = Path(__file__).resolve().parent / "demo_data"

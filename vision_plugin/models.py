@@ -97,7 +97,7 @@ def _check_file(path: Path, what: str) -> None:
 def read_checkpoint(path: str | Path, what: str = "checkpoint") -> object:
     """A pickled PyTorch checkpoint, loaded safely (nothing pickled runs); one-line
     :class:`ModelError` for a missing, text, truncated or unsafe file."""
-    from compressor.files import CheckpointError, load_checkpoint
+    from compressor.format.files import CheckpointError, load_checkpoint
 
     path = Path(path)
     _check_file(path, what)
@@ -127,7 +127,7 @@ def load_state(path: str | Path, what: str = "checkpoint") -> dict[str, torch.Te
     if is_tensor_file(path):
         from safetensors import SafetensorError
 
-        from compressor.packed import PackedFormatError, load_packed
+        from compressor.format.packed import PackedFormatError, load_packed
 
         try:
             return load_packed(path)[0]

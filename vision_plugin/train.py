@@ -23,8 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 import compressor
-from compressor.distillation import distillation_loss
-from compressor.files import (
+from compressor.format.files import (
     WRITTEN_BY,
     CheckpointError,
     OutputError,
@@ -33,6 +32,7 @@ from compressor.files import (
     atomic_write_text,
     same_file,
 )
+from compressor.training.distillation import distillation_loss
 from vision_plugin.data import DataError, interpolation_modes, load_data
 from vision_plugin.models import (
     ModelError,

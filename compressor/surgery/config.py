@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from compressor.quantizers import MAX_BITS, ROUNDINGS
+from compressor.quantization.grids import MAX_BITS, ROUNDINGS
 
 METHODS = ("uniform", "nonuniform", "differentiable", "lsq")
 POINT_INITS = ("quantile", "uniform")

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from compressor.cli import UsageError
-from compressor.files import WRITTEN_BY, check_output
+from compressor.format.files import WRITTEN_BY, check_output
 
 UNPACKED_BY = "qdistill unpack"
 
@@ -64,7 +64,7 @@ def load_checkpoint_state(path: str | os.PathLike) -> tuple[dict, dict, dict]:
     settings, if any, and the metadata a packed file needs to rebuild the checkpoint."""
     import torch
 
-    from compressor.packed import is_packed
+    from compressor.format.packed import is_packed
 
     path = Path(path)
     if is_packed(path):
@@ -82,7 +82,7 @@ def load_checkpoint_state(path: str | os.PathLike) -> tuple[dict, dict, dict]:
             if path.is_file() and _looks_like_text(path):
                 raise UsageError(text) from None
             raise UsageError(f"{path}: not a readable safetensors file ({exc})") from None
-    from compressor.files import CheckpointError, load_checkpoint
+    from compressor.format.files import CheckpointError, load_checkpoint
 
     try:
         checkpoint = load_checkpoint(path)
@@ -128,9 +128,9 @@ def pack_checkpoint(
     tensors must hold quantized values and are stored exactly (verified bit for bit); the
     ``shadow`` weights of a training checkpoint give the codes of learned (differentiable)
     grids. Returns the size of the written file in bytes."""
-    from compressor.packed import _storage_key, save_packed
-    from compressor.quantizers import quantile_points
-    from compressor.spec import QuantSpec
+    from compressor.format.packed import _storage_key, write_packed
+    from compressor.quantization.grids import quantile_points
+    from compressor.quantization.record import QuantSpec
 
     tensors, specs = {}, {}
     if recorded_specs:
@@ -167,13 +167,13 @@ def pack_checkpoint(
             tensors[name] = spec.quantize(value)
         if not specs:
             raise UsageError("no tensor selected for quantization (check --include/--exclude)")
-    return save_packed(
+    return write_packed(
         tensors, output, metadata=metadata, specs=specs, entropy=entropy, shadow=shadow
     )
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from compressor.packed import PackedFormatError, packed_summary
+    from compressor.format.packed import PackedFormatError, packed_summary
 
     path = _existing_file(args.file)
     try:
@@ -227,7 +227,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _pack(args: argparse.Namespace) -> int:
-    from compressor.packed import is_packed
+    from compressor.format.packed import is_packed
 
     source = _existing_file(args.checkpoint)
     if not 1 <= args.bits <= 8:
@@ -269,7 +269,7 @@ def unpacked_by_us(path: str | os.PathLike) -> bool:
     metadata, or a .pt checkpoint whose top-level dict (or, for a plain state dict, whose
     ``_metadata``, which ``load_state_dict`` ignores), carries :data:`WRITTEN_BY`. A file
     that does not load is not."""
-    from compressor.files import load_checkpoint
+    from compressor.format.files import load_checkpoint
 
     path = Path(path)
     try:
@@ -288,8 +288,8 @@ def unpacked_by_us(path: str | os.PathLike) -> bool:
 
 
 def _unpack(args: argparse.Namespace) -> int:
-    from compressor.files import atomic_save, atomic_write_bytes
-    from compressor.packed import PackedFormatError, load_packed
+    from compressor.format.files import atomic_save, atomic_write_bytes
+    from compressor.format.packed import PackedFormatError, load_packed
 
     source = _existing_file(args.file)
     output = Path(args.output)

@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, entry_points, version
 
-from compressor import __version__
-from compressor.files import CheckpointError, OutputError
+from compressor.format.files import CheckpointError, OutputError
 
 
 class UsageError(Exception):
     """A mistake in the user's input: reported as one line, without a traceback."""
+
+
+def _version() -> str:
+    try:
+        return version("qdistill")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compress models by quantized distillation: inspect, pack and unpack "
         "quantized model files, and run the OpenNMT-py and torchvision tools.",
     )
-    parser.add_argument("--version", action="version", version=f"qdistill {__version__}")
+    parser.add_argument("--version", action="version", version=f"qdistill {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for ep in sorted(entry_points(group="qdistill.commands"), key=lambda e: e.name):
         try:

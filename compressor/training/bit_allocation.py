@@ -23,13 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor.api import _select_modules, quantizable_weights
-from compressor.config import QuantConfig
-from compressor.quantizers import MAX_BITS
-
-
-def _full_name(module_name: str, tensor_name: str) -> str:
-    return f"{module_name}.{tensor_name}" if module_name else tensor_name
+from compressor.quantization.grids import MAX_BITS
+from compressor.surgery.config import QuantConfig
+from compressor.surgery.selection import full_name, model_candidates, select
 
 
 def _selected_weights(
@@ -37,8 +33,10 @@ def _selected_weights(
 ) -> dict[int, tuple[str, nn.Module, str]]:
     """The weights ``config`` would quantize, each once (tied weights share an id)."""
     selected: dict[int, tuple[str, nn.Module, str]] = {}
-    for module_name, module in _select_modules(model, config):
-        for tensor_name in quantizable_weights(module):
+    modules = dict(model.named_modules())
+    for module_name, tensor_names in select(model_candidates(model), config):
+        module = modules[module_name]
+        for tensor_name in tensor_names:
             selected.setdefault(
                 id(getattr(module, tensor_name)), (module_name, module, tensor_name)
             )
@@ -48,7 +46,7 @@ def _selected_weights(
 def weight_sizes(model: nn.Module, config: QuantConfig = QuantConfig()) -> dict[str, int]:
     """Number of elements of each weight ``config`` would quantize."""
     return {
-        _full_name(module_name, tensor_name): getattr(module, tensor_name).numel()
+        full_name(module_name, tensor_name): getattr(module, tensor_name).numel()
         for module_name, module, tensor_name in _selected_weights(model, config).values()
     }
 
@@ -79,7 +77,7 @@ def weight_importance(
     if seen == 0:
         raise ValueError("bit allocation needs at least one batch")
     return {
-        _full_name(module_name, tensor_name): float(torch.linalg.vector_norm(sums[key] / seen))
+        full_name(module_name, tensor_name): float(torch.linalg.vector_norm(sums[key] / seen))
         if key in sums
         else 0.0
         for key, (module_name, _, tensor_name) in selected.items()

@@ -1,9 +1,10 @@
 """Activation quantization for QKD: a learned-step quantizer at the input of each quantized
 layer, attached with a forward pre-hook so that the layer's own code is untouched.
 
-LSQ (Esser et al. 2020, see :mod:`compressor.lsq`) is the quantizer: one learned step per
-layer, initialised from the first batch, unsigned levels ``[0, 2^b - 1]`` for inputs that are
-never negative (after a ReLU) and signed levels ``[-2^(b-1), 2^(b-1) - 1]`` otherwise.
+LSQ (Esser et al. 2020, see :mod:`compressor.quantization.lsq`) is the quantizer: one learned
+step per layer, initialised from the first batch, unsigned levels ``[0, 2^b - 1]`` for inputs
+that are never negative (after a ReLU) and signed levels ``[-2^(b-1), 2^(b-1) - 1]``
+otherwise.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compressor.lsq import LsqActivationQuantizer
+from compressor.surgery.quantizers import LsqActivationQuantizer
 
 
 def _quantize_input(module: nn.Module, args: tuple) -> tuple:

@@ -15,55 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor.parametrizations import WeightQuantizer
-from compressor.quantizers import _nearest_point, _scaled, bucket_view, round_points
-from compressor.spec import QuantSpec
-
-
-class _LearnedPoints(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, weight, points, bucket_size):  # noqa: ANN001
-        stored, order = torch.sort(points.detach().clamp(0.0, 1.0))
-        stored = round_points(stored)
-        lo, scale, unit = _scaled(bucket_view(weight.detach(), bucket_size))
-        codes = _nearest_point(unit, stored)
-        values = stored[codes].mul_(scale).add_(lo)
-        numel = weight.numel()
-        ctx.save_for_backward(codes, scale, order)
-        ctx.numel = numel
-        ctx.num_points = points.numel()
-        return values.reshape(-1)[:numel].view(weight.shape).to(weight.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_output):  # noqa: ANN001
-        codes, scale, order = ctx.saved_tensors
-        grad_rows = torch.zeros(codes.shape, dtype=torch.float32, device=grad_output.device)
-        grad_rows.view(-1)[: ctx.numel] = grad_output.reshape(-1).float()
-        weighted = (grad_rows * scale).reshape(-1)  # padding in the last bucket adds zero
-        grad_sorted = torch.zeros(ctx.num_points, dtype=torch.float32, device=weighted.device)
-        grad_sorted.index_add_(0, codes.reshape(-1), weighted)
-        grad_points = torch.empty_like(grad_sorted)
-        grad_points[order] = grad_sorted
-        return grad_output, grad_points, None
-
-
-class DifferentiableQuantizer(WeightQuantizer):
-    """Non-uniform quantization whose points are learned by gradient descent."""
-
-    def __init__(self, points: torch.Tensor, bucket_size: int | None = 256):
-        super().__init__()
-        self.bucket_size = bucket_size
-        self.points = nn.Parameter(round_points(points).clone())
-
-    @property
-    def spec(self) -> QuantSpec:
-        return QuantSpec.nonuniform(self.points.detach().clamp(0.0, 1.0), self.bucket_size)
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return _LearnedPoints.apply(weight, self.points, self.bucket_size)
-
-    def extra_repr(self) -> str:
-        return f"points={self.points.numel()}, bucket_size={self.bucket_size}"
+from compressor.surgery.quantize import materialize_, shadow_state_dict
+from compressor.surgery.quantizers import DifferentiableQuantizer
+from compressor.training.quantized_distillation import quantized_distillation
+from compressor.training.step import DistillConfig
 
 
 def point_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -127,9 +82,6 @@ def differentiable_quantization(
     ran into one end of [0, 1] within 300 steps and merged, leaving the layer constant per
     bucket. 1e-5 is what the paper's reference code used for its CIFAR-10 CNNs.
     """
-    from compressor.api import materialize_, shadow_state_dict
-    from compressor.training import DistillConfig, quantized_distillation
-
     if not point_parameters(student):
         raise ValueError(
             "the student has no learnable points: quantize it with method='differentiable'"

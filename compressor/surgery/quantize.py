@@ -2,73 +2,21 @@
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compressor.config import QuantConfig
-from compressor.parametrizations import UniformQuantizer, WeightQuantizer, make_weight_quantizer
-from compressor.spec import QuantSpec
+from compressor.quantization.grids import BucketCodes
+from compressor.quantization.record import QuantRecord, QuantSpec
+from compressor.surgery.config import QuantConfig
+from compressor.surgery.quantizers import UniformQuantizer, WeightQuantizer, make_weight_quantizer
+from compressor.surgery.selection import full_name, model_candidates, select, state_candidates
 
-# Module types whose weights are quantized, and the names of those weights.
-_WEIGHT_MODULES = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-    nn.Embedding,
-)
-_RNN_MODULES = (nn.LSTM, nn.GRU, nn.RNN)
-_CELL_MODULES = (nn.LSTMCell, nn.GRUCell, nn.RNNCell)
-_RNN_WEIGHT = re.compile(r"^weight_(ih|hh|hr)_l\d+(_reverse)?$")
-
-# Where materialize_ leaves the specs of the tensors it quantized (name -> QuantSpec).
-_SPECS_ATTR = "_qdistill_specs"
-_CODES_ATTR = "_qdistill_codes"
-
-
-def quantizable_weights(module: nn.Module) -> list[str]:
-    """Names of the weights of ``module`` that quantization applies to (its own, not children's)."""
-    if isinstance(module, _WEIGHT_MODULES):
-        return ["weight"]
-    if isinstance(module, _RNN_MODULES):
-        return [n for n, _ in module.named_parameters(recurse=False) if _RNN_WEIGHT.match(n)]
-    if isinstance(module, _CELL_MODULES):
-        return ["weight_ih", "weight_hh"]
-    return []
-
-
-def _full_name(module_name: str, tensor_name: str) -> str:
-    return f"{module_name}.{tensor_name}" if module_name else tensor_name
-
-
-def _select_modules(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Module]]:
-    candidates = [(n, m) for n, m in model.named_modules() if quantizable_weights(m)]
-    if not candidates:
-        raise ValueError(
-            "the model has no quantizable layer (Linear, Conv, Embedding, LSTM/GRU/RNN and cells)"
-        )
-    names = [n for n, _ in candidates]
-    if config.include is not None:
-        for pattern in config.include:
-            if not any(re.search(pattern, n) for n in names):
-                raise ValueError(
-                    f"include: regex {pattern!r} matches no quantizable module; "
-                    f"the quantizable modules are {names[:12]}{' ...' if len(names) > 12 else ''}"
-                )
-        candidates = [(n, m) for n, m in candidates if any(re.search(p, n) for p in config.include)]
-    candidates = [(n, m) for n, m in candidates if not any(re.search(p, n) for p in config.exclude)]
-    if config.keep_first_last and candidates:
-        first, last = candidates[0][0], candidates[-1][0]
-        candidates = [(n, m) for n, m in candidates if n not in (first, last)]
-    return candidates
+RECORD_ATTR = "quantization_record"
+"""The attribute where :func:`materialize_` leaves the model's :class:`QuantRecord`."""
 
 
 def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
@@ -85,9 +33,11 @@ def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
         raise ValueError("the model is already quantized; call materialize_(model) first")
     shared: dict[int, WeightQuantizer] = {}
     quantized_modules = []
-    for module_name, module in _select_modules(model, config):
+    modules = dict(model.named_modules())
+    for module_name, tensor_names in select(model_candidates(model), config):
+        module = modules[module_name]
         bits = config.bits_for(module_name)
-        for tensor_name in quantizable_weights(module):
+        for tensor_name in tensor_names:
             weight = getattr(module, tensor_name)
             quantizer = shared.get(id(weight))
             if quantizer is None:
@@ -97,14 +47,14 @@ def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
                     bits,
                     config.bucket_size,
                     config.rounding,
-                    config.num_points.get(_full_name(module_name, tensor_name)),
+                    config.num_points.get(full_name(module_name, tensor_name)),
                     config.point_init,
                 )
                 shared[id(weight)] = quantizer.to(weight.device)
             parametrize.register_parametrization(module, tensor_name, quantizer, unsafe=True)
         quantized_modules.append((module_name, module))
     if config.act_bits is not None:
-        from compressor.activations import insert_activation_quantizers
+        from compressor.surgery.activations import insert_activation_quantizers
 
         insert_activation_quantizers(quantized_modules, config.act_bits)
     return model
@@ -119,14 +69,27 @@ def quantized_tensors(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, W
         for tensor_name, plist in module.parametrizations.items():
             quantizer = plist[0]
             if isinstance(quantizer, WeightQuantizer):
-                yield _full_name(module_name, tensor_name), module, tensor_name, quantizer
+                yield full_name(module_name, tensor_name), module, tensor_name, quantizer
+
+
+def quantization_record(model: nn.Module) -> QuantRecord:
+    """How each quantized weight is stored, by plain name: read from the quantizers of a
+    quantized model (with the codes of grids that do not re-encode from their values), merged
+    over the record that :func:`materialize_` left in ``model.quantization_record``."""
+    specs, codes = {}, {}
+    with torch.no_grad():
+        for name, module, tensor_name, quantizer in quantized_tensors(model):
+            specs[name] = quantizer.spec
+            if not isinstance(quantizer, UniformQuantizer):
+                codes[name] = quantizer.encode(module.parametrizations[tensor_name].original)
+    earlier = getattr(model, RECORD_ATTR, None)
+    current = QuantRecord(specs, codes)
+    return earlier.merged(current) if isinstance(earlier, QuantRecord) else current
 
 
 def quantization_specs(model: nn.Module) -> dict[str, QuantSpec]:
-    """How each quantized weight is stored, by plain name: read from the parametrizations, or
-    recorded by :func:`materialize_` once they are gone."""
-    specs = {name: q.spec for name, _, _, q in quantized_tensors(model)}
-    return specs or dict(getattr(model, _SPECS_ATTR, {}))
+    """``quantization_record(model).specs``: the spec of each quantized weight."""
+    return dict(quantization_record(model).specs)
 
 
 def _plain_key(key: str) -> str | None:
@@ -137,7 +100,7 @@ def _plain_key(key: str) -> str | None:
     tensor_name, _, leaf = rest.partition(".")
     if leaf != "original":
         return None
-    return _full_name(head[1:], tensor_name)
+    return full_name(head[1:], tensor_name)
 
 
 @torch.no_grad()
@@ -205,18 +168,11 @@ def materialize_(model: nn.Module) -> nn.Module:
     """Remove the quantization parametrizations, leaving plain parameters that hold exactly the
     quantized values; ``quantize_`` then ``materialize_`` is post-training quantization.
 
-    The specs of the quantized tensors stay readable through :func:`quantization_specs`.
-    """
+    What was quantized, and how, stays in ``model.quantization_record`` (a
+    :class:`QuantRecord`, also returned by :func:`quantization_record`), which
+    :func:`compressor.save_packed` reads."""
     entries = list(quantized_tensors(model))
-    specs = {name: quantizer.spec for name, _, _, quantizer in entries}
-    # Only min-max uniform values re-encode exactly from themselves: keep the codes of the
-    # others (non-uniform points, learned steps) so that the materialized model still packs.
-    with torch.no_grad():
-        codes = {
-            name: quantizer.encode(module.parametrizations[tensor_name].original)
-            for name, module, tensor_name, quantizer in entries
-            if not isinstance(quantizer, UniformQuantizer)
-        }
+    record = quantization_record(model)  # codes of grids that do not re-encode from values
     was_training = model.training
     model.eval()  # stochastic rounding is for training steps; the final weights round to nearest
     done: set[int] = set()
@@ -229,15 +185,55 @@ def materialize_(model: nn.Module) -> nn.Module:
             done.add(id(quantizer))
     finally:
         model.train(was_training)
-    setattr(model, _SPECS_ATTR, {**getattr(model, _SPECS_ATTR, {}), **specs})
-    setattr(model, _CODES_ATTR, {**getattr(model, _CODES_ATTR, {}), **codes})
+    setattr(model, RECORD_ATTR, record)
     return model
 
 
-def materialized_codes(model: nn.Module) -> dict:
-    """Codes of the tensors that :func:`materialize_` quantized on grids other than the
-    min-max uniform one, by plain name."""
-    return dict(getattr(model, _CODES_ATTR, {}))
+def packable_state(
+    model: nn.Module,
+) -> tuple[dict[str, torch.Tensor], dict[str, QuantSpec], dict[str, BucketCodes]]:
+    """What a packed file stores of ``model``: its quantized state dict under plain names, the
+    spec of each quantized tensor, and the codes its quantizers give (encoded from the shadow
+    weights, or kept by :func:`materialize_`)."""
+    record = quantization_record(model)
+    codes = dict(record.codes)
+    with torch.no_grad():  # uniform codes too: encoded from the value the model computes with
+        for name, module, tensor_name, quantizer in quantized_tensors(model):
+            codes[name] = quantizer.encode(module.parametrizations[tensor_name].original)
+    return quantized_state_dict(model), dict(record.specs), codes
+
+
+@torch.no_grad()
+def quantize_state_dict(
+    state: Mapping[str, torch.Tensor], config: QuantConfig, model: nn.Module | None = None
+) -> tuple[dict[str, torch.Tensor], QuantRecord]:
+    """Post-training quantization of a checkpoint: the state with the selected weights replaced
+    by their quantized values, and the record of how. The selection is :func:`quantize_`'s:
+    with ``model`` (the architecture the state loads into), by module type; without, by the
+    state's layer weights (:func:`compressor.surgery.selection.is_layer_weight`). Learned
+    grids (``differentiable``, ``lsq``) need training: use ``quantize_`` for them."""
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    if config.method not in ("uniform", "nonuniform"):
+        raise ValueError(
+            f"method {config.method!r} learns its grid in training; post-training quantization "
+            "takes method='uniform' or 'nonuniform'"
+        )
+    candidates = model_candidates(model) if model is not None else state_candidates(state)
+    out, specs = dict(state), {}
+    for module_name, tensor_names in select(candidates, config):
+        bits = config.bits_for(module_name)
+        for tensor_name in tensor_names:
+            name = full_name(module_name, tensor_name)
+            if name not in state:
+                raise KeyError(f"the state dict has no {name!r}, which the model quantizes")
+            value = state[name]
+            count = config.num_points.get(name, 2**bits)
+            quantizer = make_weight_quantizer(config.method, value, bits, config.bucket_size,
+                                              "nearest", count, config.point_init)  # fmt: skip
+            specs[name] = quantizer.spec
+            out[name] = specs[name].quantize(value)
+    return out, QuantRecord(specs)
 
 
 def cached() -> AbstractContextManager:

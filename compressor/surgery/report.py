@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from compressor.api import quantization_specs
+from compressor.surgery.quantize import quantization_specs
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class SizeReport:
 def size_report(model: nn.Module) -> SizeReport:
     """Theoretical size of every parameter and buffer of ``model``: quantized weights at
     b bits per weight plus two fp32 per bucket, everything else at 4 bytes per value."""
-    from compressor.api import shadow_state_dict
+    from compressor.surgery.quantize import shadow_state_dict
 
     specs = quantization_specs(model)
     rows = []

@@ -81,6 +81,7 @@ def distillation_terms(
     ignore_index: int = -100,
     hard: bool = True,
     soft: bool = True,
+    label_smoothing: float = 0.0,
 ) -> DistillationTerms:
     """Each term of :func:`distillation_loss` once, summed over the positions whose target is
     not ``ignore_index`` (every position when ``target`` is None), computed in fp32."""
@@ -120,7 +121,9 @@ def distillation_terms(
             normalizer = normalizer[keep] if normalizer is not None else None
     hard_sum = None
     if hard and target is not None:
-        hard_sum = F.cross_entropy(student, target, reduction="sum")
+        hard_sum = F.cross_entropy(
+            student, target, reduction="sum", label_smoothing=label_smoothing
+        )
     soft_sum = None
     if soft:
         log_p_student = F.log_softmax(student / temperature, dim=-1)

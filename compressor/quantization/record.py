@@ -1,13 +1,15 @@
-"""`QuantSpec`: how one stored tensor was quantized, enough to encode and decode it."""
+"""The quantization record: :class:`QuantSpec`, how one stored tensor was quantized (enough
+to encode and decode it), and :class:`QuantRecord`, the specs (and known codes) of a model."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
-from compressor.quantizers import (
+from compressor.quantization.grids import (
     MAX_BITS,
     BucketCodes,
     decode_nonuniform,
@@ -113,3 +115,62 @@ class QuantSpec:
             bucket_size=None if data.get("bucket_size") is None else int(data["bucket_size"]),
             points=None if points is None else tuple(float(p) for p in points),
         )
+
+
+RECORD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class QuantRecord:
+    """How each tensor of a model was quantized, by plain name (``"fc.weight"``): the one
+    record that :func:`compressor.quantize_` and :func:`compressor.materialize_` produce,
+    training checkpoints of both plugins carry (:meth:`to_dict`, under ``"qdistill"``), and
+    :func:`compressor.save_packed` stores.
+
+    ``codes`` holds the codes of tensors whose values do not re-encode to themselves (learned
+    points, LSQ steps), when they are known; min-max uniform values re-encode exactly."""
+
+    specs: Mapping[str, QuantSpec] = field(default_factory=dict)
+    codes: Mapping[str, BucketCodes] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.codes) - set(self.specs))
+        if unknown:
+            raise ValueError(f"codes for tensors without a spec: {unknown[:5]}")
+
+    def __bool__(self) -> bool:
+        return bool(self.specs)
+
+    def merged(self, other: QuantRecord) -> QuantRecord:
+        return QuantRecord({**self.specs, **other.specs}, {**self.codes, **other.codes})
+
+    def to_dict(self) -> dict:
+        """Plain data (str, int, float, lists, tensors) that ``torch.load(weights_only=True)``
+        and JSON (without ``codes``) both take."""
+        return {
+            "version": RECORD_VERSION,
+            "specs": {name: spec.to_dict() for name, spec in self.specs.items()},
+            "codes": {name: dict(c._asdict()) for name, c in self.codes.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> QuantRecord:
+        """The inverse of :meth:`to_dict`; also reads the ``{"specs": ..., "format": 1}``
+        dicts that checkpoints written before the record carried. Raises ``ValueError``."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a quantization record is a dict, got {type(data).__name__}")
+        version = data.get("version", 1 if "format" in data else None)
+        if version != RECORD_VERSION:
+            raise ValueError(
+                f"quantization record version {version!r} is not supported (this qdistill "
+                f"reads version {RECORD_VERSION}); upgrade qdistill"
+            )
+        specs_data, codes_data = data.get("specs") or {}, data.get("codes") or {}
+        if not isinstance(specs_data, Mapping) or not isinstance(codes_data, Mapping):
+            raise ValueError("a quantization record's specs and codes are dicts by tensor name")
+        try:
+            specs = {str(n): QuantSpec.from_dict(s) for n, s in specs_data.items()}
+            codes = {str(n): BucketCodes(**c) for n, c in codes_data.items()}
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"a quantization record entry is malformed ({exc})") from None
+        return cls(specs, codes)

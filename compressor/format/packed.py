@@ -25,13 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from compressor import bitpack, entropy
-from compressor.api import materialized_codes, quantization_specs, quantized_tensors
-from compressor.files import atomic_write_bytes
-from compressor.quantizers import BucketCodes
-from compressor.spec import QuantSpec
+from compressor.format import bitpack, entropy
+from compressor.format.files import atomic_write_bytes
+from compressor.quantization.grids import BucketCodes
+from compressor.quantization.record import QuantSpec
 
 FORMAT = "qdistill-packed"
 VERSION = 2
@@ -83,33 +81,6 @@ class PackedCoderInfo:
 # Saving.
 
 
-def _tensors_and_specs(
-    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
-    specs: Mapping[str, QuantSpec] | None,
-    shadow: Mapping[str, torch.Tensor] | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, QuantSpec], dict[str, BucketCodes]]:
-    """Plain-named tensors to store, the specs of the quantized ones, and codes encoded from
-    the shadow weights where a parametrized model provides them."""
-    from compressor.api import quantized_state_dict
-
-    if isinstance(model_or_state_dict, nn.Module):
-        model = model_or_state_dict
-        tensors = quantized_state_dict(model)
-        found = quantization_specs(model)
-        encoded = materialized_codes(model)
-        for name, module, tensor_name, quantizer in quantized_tensors(model):
-            with torch.no_grad():
-                encoded[name] = quantizer.encode(module.parametrizations[tensor_name].original)
-        return tensors, {**found, **(specs or {})}, encoded
-    if not isinstance(model_or_state_dict, Mapping):
-        raise TypeError(
-            f"save_packed takes a model or a state dict, got {type(model_or_state_dict).__name__}"
-        )
-    specs = dict(specs or {})
-    encoded = {name: specs[name].encode(shadow[name]) for name in specs if name in (shadow or {})}
-    return dict(model_or_state_dict), specs, encoded
-
-
 def _storage_key(t: torch.Tensor) -> tuple:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
 
@@ -156,30 +127,32 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def save_packed(
-    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
+def write_packed(
+    state_dict: Mapping[str, torch.Tensor],
     path: str | os.PathLike,
     metadata: Mapping[str, object] | None = None,
     specs: Mapping[str, QuantSpec] | None = None,
     entropy: str | None = None,
     shadow: Mapping[str, torch.Tensor] | None = None,
+    codes: Mapping[str, BucketCodes] | None = None,
 ) -> int:
-    """Write a packed model file; returns its size in bytes.
+    """Write a packed model file from a state dict; returns its size in bytes.
 
     Args:
-        model_or_state_dict: a quantized model (parametrized: codes come from the shadow
-            weights; or materialized: values are re-encoded and verified bit for bit) or a
-            state dict.
+        state_dict: plain-named tensors, the quantized ones holding their quantized values
+            (re-encoded and verified bit for bit).
         path: where to write; the file appears there complete or not at all.
         metadata: JSON-serialisable data stored alongside (architecture, vocabulary, ...).
-        specs: ``{name: QuantSpec}`` for the quantized tensors of a plain state dict (a
-            model's own are read from it).
+        specs: ``{name: QuantSpec}`` for the quantized tensors.
         entropy: None (codes bit-packed at their width), "huffman" (the paper's code over the
             pooled histogram) or "ans" (rANS, at the entropy bound; needs ``constriction``).
-        shadow: for a state dict, the full-precision weights its quantized tensors came from
-            (a training checkpoint's shadow weights): codes are encoded from them, which
-            grids whose points stop short of a bucket's ends (learned points) need.
+        shadow: the full-precision weights the quantized tensors came from (a training
+            checkpoint's shadow weights): codes are encoded from them, which grids whose
+            points stop short of a bucket's ends (learned points) need.
+        codes: codes already known (a model's quantizers give them), by name.
     """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"write_packed takes a state dict, got {type(state_dict).__name__}")
     if entropy not in ENTROPY_CODERS:
         raise ValueError(f"entropy must be one of {ENTROPY_CODERS}, got {entropy!r}")
     if entropy == "ans" and not entropy_ans_available():
@@ -188,7 +161,10 @@ def save_packed(
         user = _json(dict(metadata or {}))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"metadata must be JSON-serialisable ({exc})") from None
-    tensors, specs, given_codes = _tensors_and_specs(model_or_state_dict, specs, shadow)
+    specs = dict(specs or {})
+    given_codes = {n: specs[n].encode(shadow[n]) for n in specs if n in (shadow or {})}
+    given_codes.update(codes or {})
+    tensors = dict(state_dict)
     unknown = sorted(set(specs) - set(tensors))
     if unknown:
         raise ValueError(f"specs name tensors that are not in the state dict: {unknown[:5]}")
@@ -446,8 +422,8 @@ def _shape(name: str, value: object) -> tuple[int, ...]:
 
 
 def _spec(name: str, data: object) -> QuantSpec:
-    from compressor.quantizers import MAX_BITS
-    from compressor.spec import SPEC_METHODS
+    from compressor.quantization.grids import MAX_BITS
+    from compressor.quantization.record import SPEC_METHODS
 
     if not isinstance(data, dict):
         raise PackedFormatError(f"{name}: spec must be an object, got {_show(data)}")
@@ -516,7 +492,7 @@ def _entry(name: object, value: object) -> _Entry:
 
 
 def _coder(key: object, value: object, entries: Mapping[str, _Entry], payload: Mapping) -> _Coder:
-    from compressor.quantizers import MAX_BITS
+    from compressor.quantization.grids import MAX_BITS
 
     if not (
         isinstance(key, str)

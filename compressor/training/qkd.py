@@ -18,9 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor.api import cached
-from compressor.distillation import check_distillation_settings, distillation_loss
-from compressor.training import cycle, freeze_
+from compressor.training.distillation import check_distillation_settings
+from compressor.training.step import DistillConfig, cycle, distill_step, freeze_
 
 PHASES = ("self-studying", "co-studying", "tutoring")
 
@@ -53,10 +52,6 @@ class QKDSchedule:
         return self.self_studying_steps + self.co_studying_steps + self.tutoring_steps
 
 
-def _logits(model: nn.Module, inputs: Any) -> torch.Tensor:
-    return model(inputs)
-
-
 def qkd_train(
     student: nn.Module,
     teacher: nn.Module,
@@ -64,44 +59,35 @@ def qkd_train(
     schedule: QKDSchedule,
     student_optimizer: torch.optim.Optimizer,
     teacher_optimizer: torch.optim.Optimizer,
-    forward: Callable[[nn.Module, Any], torch.Tensor] = _logits,
+    forward: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     on_step: Callable[[int, dict], None] | None = None,
+    label_smoothing: float = 0.0,
 ) -> list[dict]:
-    """Run the three phases over ``(inputs, target)`` batches; returns the per-step history
-    (phase, student loss, teacher loss in co-studying)."""
+    """Run the three phases over ``(inputs, target)`` batches, each step through
+    :func:`distill_step`; returns the per-step history (phase, student loss, and the teacher's
+    loss in co-studying)."""
+    config = DistillConfig(schedule.temperature, schedule.alpha, label_smoothing=label_smoothing)
     history = []
-    t, a = schedule.temperature, schedule.alpha
     for step, (inputs, target) in zip(range(schedule.total_steps), cycle(batches)):
         phase = schedule.phase_of(step)
-        record: dict = {"phase": phase}
-        student.train()
         if phase == "co-studying":
-            teacher.train()
             for p in teacher.parameters():
                 p.requires_grad_(True)
         else:
             freeze_(teacher)
-        student_optimizer.zero_grad(set_to_none=True)
-        with cached():
-            student_logits = forward(student, inputs)
-            if phase == "self-studying":
-                loss = nn.functional.cross_entropy(
-                    student_logits.reshape(-1, student_logits.shape[-1]), target.reshape(-1)
-                )
-            else:
-                grad = torch.enable_grad() if phase == "co-studying" else torch.no_grad()
-                with grad:
-                    teacher_logits = forward(teacher, inputs)
-                loss = distillation_loss(student_logits, teacher_logits.detach(), target, t, a)
-            loss.backward()
-        student_optimizer.step()
-        record["student_loss"] = loss.item()
-        if phase == "co-studying":
-            teacher_optimizer.zero_grad(set_to_none=True)
-            teacher_loss = distillation_loss(teacher_logits, student_logits.detach(), target, t, a)
-            teacher_loss.backward()
-            teacher_optimizer.step()
-            record["teacher_loss"] = teacher_loss.item()
+        result = distill_step(
+            student,
+            None if phase == "self-studying" else teacher,
+            inputs,
+            target,
+            student_optimizer,
+            config,
+            forward,
+            teacher_optimizer=teacher_optimizer if phase == "co-studying" else None,
+        )
+        record = {"phase": phase, "student_loss": result["loss"]}
+        if "teacher_loss" in result:
+            record["teacher_loss"] = result["teacher_loss"]
         history.append(record)
         if on_step is not None:
             on_step(step, record)

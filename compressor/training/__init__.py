@@ -1,0 +1,2 @@
+"""Training algorithms: the distillation loss, one distillation step, quantized distillation,
+differentiable quantization, bit allocation and the QKD schedule."""
