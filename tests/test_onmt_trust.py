@@ -338,7 +338,7 @@ def test_plugin_library_code_never_exits_the_process():
 def test_load_checkpoint_of_a_wrong_qd_file_raises_and_the_host_lives_on(tmp_path):
     import torch
 
-    from compressor.format.packed import save_packed
+    from compressor import save_packed
 
     save_packed({"w": torch.zeros(4)}, tmp_path / "vision.qd")  # packed, not an OpenNMT model
     (tmp_path / "text.qd").write_text("not a packed file\n")
