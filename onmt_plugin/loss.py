@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from compressor.training.distillation import distillation_loss
+from compressor.training.distillation import (
+    DistillationTerms,
+    combine_terms,
+    distillation_terms,
+)
 from onmt_plugin.student import teacher_targets
 
 
@@ -45,12 +49,13 @@ def distillation_loss_class(base: type) -> type:
             keep = target != self.padding_idx  # pad positions count in neither term
             teacher = teacher_targets(state, batch, end, keep)
             settings = state.settings
-            # Only the soft term (OpenNMT's own loss is the CE), on rows already selected: no
-            # target, so the vocabulary-wide logits are not masked and copied a second time.
-            soft = distillation_loss(
-                student[keep], teacher, None, settings.temperature, 1.0, reduction="sum"
-            )
-            return (1 - settings.alpha) * loss + settings.alpha * soft, stats
+            # OpenNMT's own loss is the hard term (summed CE, with its label smoothing); the
+            # soft term is computed on rows already selected: no target, so the
+            # vocabulary-wide logits are not masked and copied a second time.
+            soft = distillation_terms(student[keep], teacher, None, settings.temperature,
+                                      hard=False).soft  # fmt: skip
+            terms = DistillationTerms(hard=loss, soft=soft, count=int(keep.sum()))
+            return combine_terms(terms, settings.alpha, reduction="sum"), stats
 
     DistillLossCompute.__name__ = DistillLossCompute.__qualname__ = "DistillLossCompute"
     return DistillLossCompute

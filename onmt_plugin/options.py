@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
+from compressor.quantization.grids import check_bits
+
 METHODS = ("uniform", "nonuniform", "differentiable")
 
 # Each option, with the shortest abbreviation argparse resolves to it beside OpenNMT-py 3.5.1's
@@ -187,8 +189,7 @@ class QuantDistillSettings:
         teacher = getattr(opt, "teacher_model", None)
         if not teacher:
             raise ValueError("--quantized_distill needs --teacher_model PATH")
-        if not 1 <= opt.quant_bits <= 8:
-            raise ValueError(f"--quant_bits must be from 1 to 8, got {opt.quant_bits}")
+        check_bits(opt.quant_bits, "--quant_bits")
         if opt.quant_bucket_size <= 0:
             raise ValueError(f"--quant_bucket_size must be positive, got {opt.quant_bucket_size}")
         if not opt.distill_temperature > 0:

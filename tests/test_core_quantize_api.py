@@ -225,13 +225,13 @@ def test_size_report_counts_bits_and_buckets():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"bits": 0}, "bits must be an integer from 1 to 8"),
-        ({"bits": 9}, "bits must be an integer from 1 to 8"),
+        ({"bits": 0}, "bits must be from 1 to 8"),
+        ({"bits": 9}, "bits must be from 1 to 8"),
         ({"bucket_size": 0}, "bucket_size must be a positive integer"),
         ({"bucket_size": -5}, "bucket_size must be a positive integer"),
         ({"method": "kmeans"}, "method must be one of .*uniform.*nonuniform.*differentiable"),
         ({"rounding": "up"}, "rounding must be one of .*nearest.*stochastic"),
-        ({"act_bits": 12}, "act_bits must be an integer from 1 to 8"),
+        ({"act_bits": 12}, "act_bits must be from 1 to 8"),
         ({"point_init": "random"}, "point_init must be one of"),
         ({"include": ("[",)}, "include"),
         ({"bits_overrides": {"fc": 0}}, r"bits_overrides\['fc'\]"),

@@ -394,6 +394,6 @@ def test_build_model_raises_for_a_bad_run_when_called_as_a_library(tmp_path):
     done = _run([PYTHON, "-c", script], tmp_path, _env("1"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines() == [
-        "raised: --quant_bits must be from 1 to 8, got 9",
+        "raised: --quant_bits must be from 1 to 8 (a whole number), got 9",
         "finally",
     ]

@@ -741,7 +741,7 @@ def _recipe(tmp_path: Path, text: str) -> Path:
         ),
         (
             "name: x\nengine: translation\ndata: toy\nscales: {cpu: {bits: [4, 16]}}\n",
-            "bit widths are from 1 to 8",
+            "bit widths must be from 1 to 8",
         ),
         (
             "name: x\nengine: translation\ndata: toy\nscales: {cpu: {gpu: 1}}\n",

@@ -253,11 +253,21 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
 
 
 def _looks_like_text(head: bytes) -> bool:
+    if not head or head.startswith((b"PK\x03\x04", b"\x80")):
+        return False
     try:
         text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return all(c.isprintable() or c in "\n\r\t" for c in text)
+    except UnicodeDecodeError as exc:  # a multi-byte character cut at the end is still text
+        if exc.start < len(head) - 3:
+            return False
+        text = head[: exc.start].decode("utf-8")
+    return all(c.isprintable() or c in "\n\r\t\f" for c in text)
+
+
+def is_text_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` starts as text does (a file given where a checkpoint belongs)."""
+    with open(path, "rb") as handle:
+        return _looks_like_text(handle.read(512))
 
 
 def _why(exc: Exception) -> str:

@@ -221,6 +221,7 @@ def quantize_state_dict(
         )
     candidates = model_candidates(model) if model is not None else state_candidates(state)
     out, specs = dict(state), {}
+    done: dict[tuple, str] = {}  # tied tensors (one storage) are quantized once and stay tied
     for module_name, tensor_names in select(candidates, config):
         bits = config.bits_for(module_name)
         for tensor_name in tensor_names:
@@ -228,6 +229,11 @@ def quantize_state_dict(
             if name not in state:
                 raise KeyError(f"the state dict has no {name!r}, which the model quantizes")
             value = state[name]
+            storage = (value.untyped_storage().data_ptr(), value.storage_offset(), value.shape)
+            if value.numel() and storage in done:
+                specs[name], out[name] = specs[done[storage]], out[done[storage]]
+                continue
+            done[storage] = name
             count = config.num_points.get(name, 2**bits)
             quantizer = make_weight_quantizer(config.method, value, bits, config.bucket_size,
                                               "nearest", count, config.point_init)  # fmt: skip

@@ -18,6 +18,7 @@ from compressor.quantization.grids import (
     _nearest_point,
     _scaled,
     bucket_view,
+    check_bits,
     quantile_points,
     quantize_tensor,
     round_points,
@@ -161,8 +162,7 @@ class LsqActivationQuantizer(nn.Module):
 
     def __init__(self, bits: int):
         super().__init__()
-        if not 1 <= bits <= 8:
-            raise ValueError(f"act_bits must be an integer from 1 to 8, got {bits!r}")
+        check_bits(bits, "act_bits")
         self.bits = bits
         self.step = nn.Parameter(torch.ones(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
@@ -191,8 +191,7 @@ class LsqWeightQuantizer(WeightQuantizer):
 
     def __init__(self, weight: torch.Tensor, bits: int):
         super().__init__()
-        if not 2 <= bits <= 8:
-            raise ValueError(f"method='lsq' needs bits from 2 to 8, got {bits!r}")
+        check_bits(bits, "bits of method='lsq'", minimum=2)
         self.bits = bits
         self.bucket_size = None
         qn, qp = lsq_levels(bits, signed=True)

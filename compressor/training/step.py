@@ -106,6 +106,8 @@ def distill_step(
         elif teacher is not None:
             teacher_logits = teacher
         loss, soft = _student_loss(student_logits, teacher_logits, target, config, loss_fn)
+        if not torch.isfinite(loss.detach()):  # before the update spoils the weights
+            raise FloatingPointError(f"the loss became {loss.item()} (diverged)")
         loss.backward()
     optimizer.step()
     record = {"loss": loss.item(), "distillation": soft}
