@@ -128,7 +128,7 @@ def cli_files(tmp_path_factory):
         (("pack", "ck.pt", "-o", "x.qd", "--bucket-size", "0"), "--bucket-size must be positive"),
         (("pack", "ck.pt", "-o", "x.qd", "--include", "nothing"), "no tensor selected"),
         (("pack", "ck.pt", "-o", "x.qd", "--include", "(["), "not a valid regex"),
-        (("pack", "junk.pt", "-o", "x.qd"), "a text file, not a checkpoint"),
+        (("pack", "junk.pt", "-o", "x.qd"), "is a text file, not a checkpoint"),
         (("pack", "list.pt", "-o", "x.qd"), "expected a state dict"),
         (("pack", "ck.pt", "-o", "ck.pt"), "is also an input"),
         (("pack", "ck.pt", "-o", "ck.qd"), "exists; pass --force"),

@@ -220,10 +220,10 @@ def test_a_text_file_given_as_a_checkpoint_says_so(folder, monkeypatch, capsys):
         (folder / name).write_text(text)
         code, err = _main(["pack", name, "-o", "x.qd"], folder, monkeypatch, capsys)
         assert code == 2 and len(err) == 1, err
-        assert f"{name}: a text file, not a checkpoint" in err[0] and "weights_only" not in err[0]
+        assert f"{name} is a text file, not a checkpoint" in err[0] and "weights_only" not in err[0]
     (folder / "notes.safetensors").write_text("not a tensor file\n")
     done = _qdistill("pack", "notes.safetensors", "-o", "x.qd", cwd=folder)
-    _one_line_error(done, "notes.safetensors: a text file, not a checkpoint")
+    _one_line_error(done, "notes.safetensors is a text file, not a checkpoint")
     code, err = _main(["pack", "teacher.qd", "-o", "x.qd"], folder, monkeypatch, capsys)
     assert code == 2 and "already a packed file" in err[0], err
     assert not (folder / "x.qd").exists()

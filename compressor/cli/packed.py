@@ -58,7 +58,7 @@ def load_checkpoint_state(path: str | os.PathLike) -> tuple[dict, dict, dict]:
     if is_packed(path):
         raise UsageError(f"{path} is already a packed file (qdistill unpack turns it back)")
     text = (
-        f"{path}: a text file, not a checkpoint; give the .pt file that torch.save wrote "
+        f"{path} is a text file, not a checkpoint; give the .pt file that torch.save wrote "
         "(a state dict, or a dict with a 'model' key) or a .safetensors file"
     )
     if path.suffix == ".safetensors":

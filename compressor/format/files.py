@@ -241,7 +241,10 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
         head = handle.read(512)
     if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip, or a legacy pickle
         if _looks_like_text(head):
-            raise CheckpointError(f"{path} is a text file, not a PyTorch checkpoint")
+            raise CheckpointError(
+                f"{path} is a text file, not a checkpoint (not a PyTorch checkpoint that "
+                "torch.save wrote)"
+            )
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (torch.save did not write it)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
