@@ -165,5 +165,5 @@ def test_act_bits_out_of_range_raise(bits):
 
 
 def test_lsq_weights_need_two_bits():
-    with pytest.raises(ValueError, match="method='lsq' needs bits from 2 to 8"):
+    with pytest.raises(ValueError, match="method='lsq' must be from 2 to 8"):
         compressor.quantize_(_cnn(), compressor.QuantConfig(bits=1, method="lsq"))

@@ -125,8 +125,8 @@ def cli_files(tmp_path_factory):
     [
         (("pack", "missing.pt", "-o", "x.qd"), "no such file: missing.pt"),
         (("pack", "ck.pt", "-o", "x.qd", "--bits", "9"), "--bits must be from 1 to 8"),
-        (("pack", "ck.pt", "-o", "x.qd", "--bucket-size", "0"), "--bucket-size must be positive"),
-        (("pack", "ck.pt", "-o", "x.qd", "--include", "nothing"), "no tensor selected"),
+        (("pack", "ck.pt", "-o", "x.qd", "--bucket-size", "0"), "--bucket-size must be a positive"),
+        (("pack", "ck.pt", "-o", "x.qd", "--include", "nothing"), "matches no quantizable module"),
         (("pack", "ck.pt", "-o", "x.qd", "--include", "(["), "not a valid regex"),
         (("pack", "junk.pt", "-o", "x.qd"), "is a text file, not a checkpoint"),
         (("pack", "list.pt", "-o", "x.qd"), "expected a state dict"),

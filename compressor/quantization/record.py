@@ -158,7 +158,7 @@ class QuantRecord:
         dicts that checkpoints written before the record carried. Raises ``ValueError``."""
         if not isinstance(data, Mapping):
             raise ValueError(f"a quantization record is a dict, got {type(data).__name__}")
-        version = data.get("version", 1 if "format" in data else None)
+        version = data.get("version", 1)  # records written before the version field
         if version != RECORD_VERSION:
             raise ValueError(
                 f"quantization record version {version!r} is not supported (this qdistill "

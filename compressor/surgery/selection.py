@@ -98,10 +98,10 @@ def select(candidates: Candidates, config: QuantConfig) -> Candidates:
             "nothing to quantize: no quantizable layer (Linear, Conv, Embedding, attention, "
             "recurrent; in a state dict, a floating-point weight of two or more dimensions)"
         )
-    names = [n for n, _ in candidates]
+    names = [n or "<top level>" for n, _ in candidates]
     if config.include is not None:
         for pattern in config.include:
-            if not any(re.search(pattern, n) for n in names):
+            if not any(re.search(pattern, n) for n, _ in candidates):
                 more = " ..." if len(names) > 12 else ""
                 raise ValueError(
                     f"include: regex {pattern!r} matches no quantizable module; "
