@@ -47,6 +47,7 @@ from compressor.surgery.quantize import (
     quantization_record,
     quantization_specs,
     quantize_,
+    quantize_once,
     quantize_state_dict,
     quantized_state_dict,
     quantized_tensors,
@@ -60,14 +61,14 @@ from compressor.surgery.quantizers import (
     UniformQuantizer,
     WeightQuantizer,
 )
-from compressor.surgery.report import (
-    SizeReport,
-    size_report,
-)
 from compressor.surgery.selection import (
     is_layer_weight,
     quantizable_weights,
     register_weights,
+)
+from compressor.surgery.size import (
+    SizeReport,
+    size_report,
 )
 from compressor.training.bit_allocation import (
     allocate_bits,
@@ -89,6 +90,7 @@ from compressor.training.distillation import (
 )
 from compressor.training.finish import (
     finish_,
+    pack_and_materialize_,
     save_packed,
 )
 from compressor.training.qkd import (
@@ -121,6 +123,8 @@ __all__ = [
     "activation_quantizers",
     "allocate_bits",
     "cached",
+    "quantize_once",
+    "pack_and_materialize_",
     "constrain_points_",
     "decode_nonuniform",
     "decode_uniform",

@@ -17,7 +17,7 @@ def distillation_loss_class(base: type) -> type:
 
     class DistillLossCompute(base):
         @classmethod
-        def from_opts(cls, opt, model, vocab, train=True):  # noqa: ANN001, ANN206
+        def from_opts(cls, opt, model, vocab, train=True):
             loss = super().from_opts(opt, model, vocab, train=train)
             loss.qdistill = getattr(model, "_qdistill", None) if train else None
             loss.captured = None
@@ -27,11 +27,11 @@ def distillation_loss_class(base: type) -> type:
                 loss.generator.register_forward_hook(loss._capture)
             return loss
 
-        def _capture(self, module, inputs, output):  # noqa: ANN001, ANN202
+        def _capture(self, module, inputs, output):
             if self.captured is not None and not self.captured:
                 self.captured.append(output)
 
-        def forward(self, batch, output, attns, trunc_start=0, trunc_size=None):  # noqa: ANN001, ANN201
+        def forward(self, batch, output, attns, trunc_start=0, trunc_size=None):
             state = getattr(self, "qdistill", None)
             if state is None or self.copy_attn:
                 return super().forward(batch, output, attns, trunc_start, trunc_size)
@@ -52,8 +52,9 @@ def distillation_loss_class(base: type) -> type:
             # OpenNMT's own loss is the hard term (summed CE, with its label smoothing); the
             # soft term is computed on rows already selected: no target, so the
             # vocabulary-wide logits are not masked and copied a second time.
-            soft = distillation_terms(student[keep], teacher, None, settings.temperature,
-                                      hard=False).soft  # fmt: skip
+            soft = distillation_terms(
+                student[keep], teacher, None, settings.temperature, hard=False
+            ).soft
             terms = DistillationTerms(hard=loss, soft=soft, count=int(keep.sum()))
             return combine_terms(terms, settings.alpha, reduction="sum"), stats
 

@@ -28,7 +28,7 @@ OPTIONS = {
 CONFIG_OPTION = ("config", 4)  # OpenNMT's -config YAML (-con is also -context_gate)
 
 
-def add_options(parser) -> None:  # noqa: ANN001
+def add_options(parser) -> None:
     """Add the options to an OpenNMT (configargparse) parser; names avoid OpenNMT's own
     ``--bucket_size`` (data batching)."""
     group = parser.add_argument_group("Quantized distillation (qdistill)")
@@ -79,8 +79,13 @@ def add_options(parser) -> None:  # noqa: ANN001
         default=1.0,
         help="Softmax temperature of the distillation term (paper: 1 for translation).",
     )
-    group.add("--distill_alpha", "-distill_alpha", type=float, default=0.7,
-              help="Weight of the distillation term; 1 - alpha weighs the CE.")  # fmt: skip
+    group.add(
+        "--distill_alpha",
+        "-distill_alpha",
+        type=float,
+        default=0.7,
+        help="Weight of the distillation term; 1 - alpha weighs the CE.",
+    )
     group.add(
         "--distill_topk",
         "-distill_topk",
@@ -161,7 +166,7 @@ UNSUPPORTED = (
 )
 
 
-def _samples_subwords(opt, side: str) -> bool:  # noqa: ANN001
+def _samples_subwords(opt, side: str) -> bool:
     """Whether OpenNMT's subword transforms draw a different segmentation each epoch."""
     nbest = getattr(opt, f"{side}_subword_nbest", 1) or 1
     alpha = getattr(opt, f"{side}_subword_alpha", 0) or 0
@@ -181,7 +186,7 @@ class QuantDistillSettings:
     topk: int = 0
 
     @classmethod
-    def from_opt(cls, opt) -> QuantDistillSettings:  # noqa: ANN001
+    def from_opt(cls, opt) -> QuantDistillSettings:
         """Validate the options; raises ValueError with a one-line message."""
         for name, unsupported, label in UNSUPPORTED:
             if unsupported(getattr(opt, name, None)):
@@ -218,7 +223,7 @@ class QuantDistillSettings:
             topk=topk,
         )
 
-    def quant_config(self):  # noqa: ANN201
+    def quant_config(self):
         import compressor
 
         return compressor.QuantConfig(

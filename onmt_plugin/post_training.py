@@ -29,9 +29,12 @@ def _quantize(args: argparse.Namespace) -> int:
         raise UsageError(f"no such file: {source}")
     config = quant_config(args)
     out = check_output(
-        args.output, [source], force=args.force, ours=lambda p: written_by(p) == COMMAND,
+        args.output,
+        [source],
+        force=args.force,
+        ours=lambda p: written_by(p) == COMMAND,
         what=f"qdistill {COMMAND}",
-    )  # fmt: skip
+    )
     checkpoint = load_checkpoint(source)
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "opt" not in checkpoint:
         raise UsageError(f"{source}: not an OpenNMT-py checkpoint (no 'model'/'opt')")

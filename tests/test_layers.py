@@ -112,6 +112,8 @@ def test_each_layer_imports_alone_in_a_fresh_interpreter():
     for layer in LAYERS:
         done = subprocess.run(
             [sys.executable, "-c", f"import compressor.{layer}.__init__; import compressor"],
-            capture_output=True, text=True, cwd=ROOT,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         assert done.returncode == 0, done.stderr

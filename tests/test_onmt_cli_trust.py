@@ -15,7 +15,7 @@ import yaml
 BIN = Path(sys.executable).parent
 
 
-def _run(args, cwd):  # noqa: ANN001, ANN202
+def _run(args, cwd):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [str(a) for a in args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600
@@ -39,15 +39,32 @@ def tiny(tmp_path_factory):
         lines = (toy / f"{name}.txt").read_text().splitlines()[:n]
         (folder / f"{name}.txt").write_text("\n".join(lines) + "\n")
     config = {
-        "src_vocab": "vocab.src", "tgt_vocab": "vocab.tgt", "save_data": "vocab",
-        "src_vocab_size": 200, "tgt_vocab_size": 200, "overwrite": True,
-        "data": {"corpus_1": {"path_src": "src-train.txt", "path_tgt": "tgt-train.txt"},
-                 "valid": {"path_src": "src-val.txt", "path_tgt": "tgt-val.txt"}},
-        "encoder_type": "transformer", "decoder_type": "transformer", "layers": 1, "heads": 2,
-        "hidden_size": 16, "word_vec_size": 16, "transformer_ff": 32, "position_encoding": True,
-        "batch_size": 16, "batch_type": "sents", "train_steps": 5, "save_checkpoint_steps": 5,
-        "valid_steps": 5, "seed": 1, "num_workers": 0,
-    }  # fmt: skip
+        "src_vocab": "vocab.src",
+        "tgt_vocab": "vocab.tgt",
+        "save_data": "vocab",
+        "src_vocab_size": 200,
+        "tgt_vocab_size": 200,
+        "overwrite": True,
+        "data": {
+            "corpus_1": {"path_src": "src-train.txt", "path_tgt": "tgt-train.txt"},
+            "valid": {"path_src": "src-val.txt", "path_tgt": "tgt-val.txt"},
+        },
+        "encoder_type": "transformer",
+        "decoder_type": "transformer",
+        "layers": 1,
+        "heads": 2,
+        "hidden_size": 16,
+        "word_vec_size": 16,
+        "transformer_ff": 32,
+        "position_encoding": True,
+        "batch_size": 16,
+        "batch_type": "sents",
+        "train_steps": 5,
+        "save_checkpoint_steps": 5,
+        "valid_steps": 5,
+        "seed": 1,
+        "num_workers": 0,
+    }
     (folder / "c.yaml").write_text(yaml.safe_dump(config))
     assert _run([BIN / "onmt_build_vocab", "-config", "c.yaml", "-n_sample", "200"], folder)
     done = _run([BIN / "onmt_train", "-config", "c.yaml", "-save_model", "m"], folder)
@@ -120,8 +137,10 @@ def test_onmt_quantize_refuses_its_input_and_foreign_files(tiny, tmp_path):
     ],
 )
 def test_onmt_quantize_bad_flags_are_one_line(tiny, tmp_path, flags, message):
-    done = _run([BIN / "qdistill", "onmt-quantize", tiny / "m_step_5.pt", "-o", tmp_path / "o.pt",
-                 *flags], tmp_path)  # fmt: skip
+    done = _run(
+        [BIN / "qdistill", "onmt-quantize", tiny / "m_step_5.pt", "-o", tmp_path / "o.pt", *flags],
+        tmp_path,
+    )
     _one_line_error(done, message)
     assert not (tmp_path / "o.pt").exists()
 

@@ -14,7 +14,7 @@ import yaml
 BIN = Path(sys.executable).parent
 
 
-def _run(args, cwd):  # noqa: ANN001, ANN202
+def _run(args, cwd):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, env=env)
     return done
@@ -30,14 +30,29 @@ def tiny(tmp_path_factory):
         lines = (toy / f"{name}.txt").read_text().splitlines()[:n]
         (folder / f"{name}.txt").write_text("\n".join(lines) + "\n")
     config = {
-        "src_vocab": "vocab.src", "tgt_vocab": "vocab.tgt", "save_data": "vocab",
-        "src_vocab_size": 300, "tgt_vocab_size": 300, "overwrite": True,
-        "data": {"corpus_1": {"path_src": "src-train.txt", "path_tgt": "tgt-train.txt"},
-                 "valid": {"path_src": "src-val.txt", "path_tgt": "tgt-val.txt"}},
-        "encoder_type": "rnn", "decoder_type": "rnn", "layers": 1, "hidden_size": 16,
-        "word_vec_size": 16, "batch_size": 16, "batch_type": "sents", "train_steps": 5,
-        "save_checkpoint_steps": 5, "valid_steps": 5, "seed": 1, "num_workers": 0,
-    }  # fmt: skip
+        "src_vocab": "vocab.src",
+        "tgt_vocab": "vocab.tgt",
+        "save_data": "vocab",
+        "src_vocab_size": 300,
+        "tgt_vocab_size": 300,
+        "overwrite": True,
+        "data": {
+            "corpus_1": {"path_src": "src-train.txt", "path_tgt": "tgt-train.txt"},
+            "valid": {"path_src": "src-val.txt", "path_tgt": "tgt-val.txt"},
+        },
+        "encoder_type": "rnn",
+        "decoder_type": "rnn",
+        "layers": 1,
+        "hidden_size": 16,
+        "word_vec_size": 16,
+        "batch_size": 16,
+        "batch_type": "sents",
+        "train_steps": 5,
+        "save_checkpoint_steps": 5,
+        "valid_steps": 5,
+        "seed": 1,
+        "num_workers": 0,
+    }
     (folder / "c.yaml").write_text(yaml.safe_dump(config))
     assert (
         _run([BIN / "onmt_build_vocab", "-config", "c.yaml", "-n_sample", "300"], folder).returncode
@@ -61,9 +76,23 @@ def test_references_against_themselves_score_100(tmp_path):
 
 def test_cli_scores_hypothesis_file_and_model(tiny, tmp_path):
     out = tmp_path / "m.json"
-    args = [BIN / "qdistill", "onmt-eval", "teacher=m_step_5.pt", "--src", "src-val.txt",
-            "--ref", "tgt-val.txt", "--hyp", "self=tgt-val.txt", "--baseline", "teacher",
-            "--teacher", "teacher", "--json", out]  # fmt: skip
+    args = [
+        BIN / "qdistill",
+        "onmt-eval",
+        "teacher=m_step_5.pt",
+        "--src",
+        "src-val.txt",
+        "--ref",
+        "tgt-val.txt",
+        "--hyp",
+        "self=tgt-val.txt",
+        "--baseline",
+        "teacher",
+        "--teacher",
+        "teacher",
+        "--json",
+        out,
+    ]
     done = _run(args, tiny)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {r["name"]: r for r in json.loads(out.read_text())}

@@ -29,9 +29,18 @@ def test_pack_inspect_unpack_a_torchvision_style_checkpoint(tmp_path, monkeypatc
     model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10), nn.LayerNorm(10))
     torch.save({"model": model.state_dict(), "epoch": 3}, tmp_path / "ck.pt")
     done = _qdistill(
-        "pack", "ck.pt", "-o", "ck.qd", "--bits", "4", "--entropy", "huffman",
-        "--exclude", r"^2$", cwd=tmp_path,
-    )  # fmt: skip
+        "pack",
+        "ck.pt",
+        "-o",
+        "ck.qd",
+        "--bits",
+        "4",
+        "--entropy",
+        "huffman",
+        "--exclude",
+        r"^2$",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert "ck.qd" in done.stdout and "smaller" in done.stdout
     monkeypatch.chdir(tmp_path)  # the installed command packed; the same main() goes on
@@ -60,9 +69,20 @@ def test_pack_nonuniform_from_safetensors(tmp_path):
     state = {"enc.weight": torch.randn(64, 48), "enc.bias": torch.randn(64)}
     save_file(state, tmp_path / "m.safetensors")
     done = _qdistill(
-        "pack", "m.safetensors", "-o", "m.qd", "--method", "nonuniform", "--bits", "3",
-        "--bucket-size", "128", "--entropy", "ans", cwd=tmp_path,
-    )  # fmt: skip
+        "pack",
+        "m.safetensors",
+        "-o",
+        "m.qd",
+        "--method",
+        "nonuniform",
+        "--bits",
+        "3",
+        "--bucket-size",
+        "128",
+        "--entropy",
+        "ans",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     loaded, metadata = load_packed(tmp_path / "m.qd")
     spec = {r.name: r.spec for r in packed_info(tmp_path / "m.qd")}["enc.weight"]

@@ -24,12 +24,12 @@ from compressor.format.files import WRITTEN_BY
 from compressor.format.packed import is_packed, load_packed, packed_info
 
 
-def _qdistill(*args, cwd):  # noqa: ANN001, ANN002, ANN202
+def _qdistill(*args, cwd):
     exe = Path(sys.executable).with_name("qdistill")
     return subprocess.run([exe, *map(str, args)], capture_output=True, text=True, cwd=cwd)
 
 
-def _main(args, folder, monkeypatch, capsys):  # noqa: ANN001, ANN202
+def _main(args, folder, monkeypatch, capsys):
     """``qdistill ARGS`` in this process: (exit status, the lines it wrote to stderr)."""
     from compressor.cli import main
 
@@ -38,7 +38,7 @@ def _main(args, folder, monkeypatch, capsys):  # noqa: ANN001, ANN202
     return code, capsys.readouterr().err.strip().splitlines()
 
 
-def _one_line_error(done, message: str) -> None:  # noqa: ANN001
+def _one_line_error(done, message: str) -> None:
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2, done.stderr
     assert len(lines) == 1 and message in lines[0], done.stderr
@@ -172,7 +172,7 @@ def test_unpack_marks_a_plugin_checkpoint_at_its_top_level(folder, monkeypatch, 
     that cannot rebuild the checkpoint is a one-line error."""
     import compressor.cli.packed as packed_cli
 
-    def to_checkpoint(state, metadata):  # noqa: ANN001, ANN202
+    def to_checkpoint(state, metadata):
         if "broken" in metadata:
             raise ValueError("the packed file holds no options")
         return {"model": dict(state), "epoch": 3}

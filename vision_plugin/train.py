@@ -117,14 +117,14 @@ class SeededAugmentation(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):  # noqa: ANN204
+    def __getitem__(self, index: int):
         with torch.random.fork_rng(devices=[]):
             seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
             torch.manual_seed(seed % 2**63)
             return self.dataset[index]
 
 
-def make_loaders(args: argparse.Namespace, train_set, val_set):  # noqa: ANN001, ANN201
+def make_loaders(args: argparse.Namespace, train_set, val_set):
     train_sampler = torch.utils.data.distributed.DistributedSampler(
         train_set, num_replicas=args.world_size, rank=args.rank, shuffle=True, seed=args.seed
     )
@@ -163,7 +163,7 @@ def phase_of(epoch: int, args: argparse.Namespace) -> str | None:
     return PHASES[1] if epoch < phases[0] + phases[1] else PHASES[2]
 
 
-def train_one_epoch(model, teacher, train_loader, optimizer, teacher_optimizer, epoch, args):  # noqa: ANN001, ANN201
+def train_one_epoch(model, teacher, train_loader, optimizer, teacher_optimizer, epoch, args):
     """One epoch through the core's training step: quantized distillation from a frozen
     teacher, labels alone (no teacher, or QKD's self-studying), or QKD's co-studying."""
     phase = phase_of(epoch, args)
@@ -182,9 +182,14 @@ def train_one_epoch(model, teacher, train_loader, optimizer, teacher_optimizer, 
         images, target = images.to(args.device), target.to(args.device)
         try:
             result = distill_step(
-                model, source, images, target, optimizer, config,
+                model,
+                source,
+                images,
+                target,
+                optimizer,
+                config,
                 teacher_optimizer=teacher_optimizer if teacher_learns else None,
-            )  # fmt: skip
+            )
         except FloatingPointError as exc:
             raise UsageError(f"{exc} at epoch {epoch}; lower --lr") from None
         totals[0] += result["loss"] * len(target)
@@ -196,7 +201,7 @@ def train_one_epoch(model, teacher, train_loader, optimizer, teacher_optimizer, 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, args: argparse.Namespace) -> dict[str, float]:  # noqa: ANN001
+def evaluate(model: nn.Module, loader, args: argparse.Namespace) -> dict[str, float]:
     model.eval()
     correct1 = correct5 = seen = 0.0
     for images, target in tqdm(
@@ -503,8 +508,9 @@ def load_for_evaluation(args: argparse.Namespace, num_classes: int) -> nn.Module
             )
         model = build_model(recorded.model, num_classes, recorded.cifar_stem, recorded.dropout)
         quantize_student_(model, recorded)
-        load_weights_(model, state_of(checkpoint, path, "--resume"), f"--resume {path}",
-                      recorded.model)  # fmt: skip
+        load_weights_(
+            model, state_of(checkpoint, path, "--resume"), f"--resume {path}", recorded.model
+        )
         if is_main(args):
             print(f"{path}: epoch {checkpoint['epoch']}, {describe(recorded)}", flush=True)
         return model
@@ -587,8 +593,9 @@ def main(args: argparse.Namespace) -> dict:
     # tensor: at the weights' learning rate the points run into one end of [0, 1] and merge.
     points = compressor.point_parameters(student)
     learned = {id(p) for p in points}
-    params = [{"params": [p for p in model.parameters()
-                          if p.requires_grad and id(p) not in learned]}]  # fmt: skip
+    params = [
+        {"params": [p for p in model.parameters() if p.requires_grad and id(p) not in learned]}
+    ]
     if points:
         params.append({"params": points, "lr": args.points_lr, "weight_decay": 0.0})
     if args.opt == "sgd":

@@ -116,8 +116,9 @@ def pack_checkpoint(
 
     if not record:
         state, record = quantize_state_dict(state, config or QuantConfig())
-    return write_packed(state, output, metadata, dict(record.specs), entropy, shadow,
-                        codes=dict(record.codes))  # fmt: skip
+    return write_packed(
+        state, output, metadata, dict(record.specs), entropy, shadow, codes=dict(record.codes)
+    )
 
 
 def _inspect(args: argparse.Namespace) -> int:

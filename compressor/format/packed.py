@@ -103,7 +103,7 @@ def _checksum(header: Mapping[str, str], payload: Mapping[str, np.ndarray]) -> s
     return digest.hexdigest()
 
 
-def _encode_checked(name: str, value: torch.Tensor, spec: QuantSpec, given) -> BucketCodes:  # noqa: ANN001
+def _encode_checked(name: str, value: torch.Tensor, spec: QuantSpec, given) -> BucketCodes:
     """Codes for ``value``, verified to decode to exactly its bits."""
     if not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name}: the tensor holds NaN or infinite values (did training diverge?)")
@@ -688,7 +688,7 @@ def _load(payload: Mapping, header: Mapping) -> tuple[dict, dict]:
     return {name: state[name] for name in entries}, user
 
 
-def _guarded(path: object, work):  # noqa: ANN001, ANN202
+def _guarded(path: object, work):
     """Run ``work``; any error a malformed file can cause becomes a PackedFormatError."""
     try:
         return work()

@@ -235,14 +235,19 @@ def quantize_state_dict(
                 continue
             done[storage] = name
             count = config.num_points.get(name, 2**bits)
-            quantizer = make_weight_quantizer(config.method, value, bits, config.bucket_size,
-                                              "nearest", count, config.point_init)  # fmt: skip
+            quantizer = make_weight_quantizer(
+                config.method, value, bits, config.bucket_size, "nearest", count, config.point_init
+            )
             specs[name] = quantizer.spec
             out[name] = specs[name].quantize(value)
     return out, QuantRecord(specs)
 
 
-def cached() -> AbstractContextManager:
+def quantize_once() -> AbstractContextManager:
     """Quantize each weight once per forward pass, for modules that read their weights several
-    times (nn.LSTM): ``with compressor.cached(): loss = model(x) ...``."""
+    times (nn.LSTM): ``with compressor.quantize_once(): loss = model(x) ...``."""
     return parametrize.cached()
+
+
+cached = quantize_once
+"""The earlier name of :func:`quantize_once`."""

@@ -33,11 +33,11 @@ class _StraightThrough(torch.autograd.Function):
     ``w + (q - w).detach()`` which leaves values an ulp off."""
 
     @staticmethod
-    def forward(ctx, weight, quantize):  # noqa: ANN001
+    def forward(ctx, weight, quantize):
         return quantize(weight)
 
     @staticmethod
-    def backward(ctx, grad_output):  # noqa: ANN001
+    def backward(ctx, grad_output):
         return grad_output, None
 
 
@@ -112,7 +112,7 @@ class NonUniformQuantizer(WeightQuantizer):
 
 class _LearnedPoints(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, points, bucket_size):  # noqa: ANN001
+    def forward(ctx, weight, points, bucket_size):
         stored, order = torch.sort(points.detach().clamp(0.0, 1.0))
         stored = round_points(stored)
         lo, scale, unit = _scaled(bucket_view(weight.detach(), bucket_size))
@@ -125,7 +125,7 @@ class _LearnedPoints(torch.autograd.Function):
         return values.reshape(-1)[:numel].view(weight.shape).to(weight.dtype)
 
     @staticmethod
-    def backward(ctx, grad_output):  # noqa: ANN001
+    def backward(ctx, grad_output):
         codes, scale, order = ctx.saved_tensors
         grad_rows = torch.zeros(codes.shape, dtype=torch.float32, device=grad_output.device)
         grad_rows.view(-1)[: ctx.numel] = grad_output.reshape(-1).float()

@@ -53,8 +53,16 @@ def _attention(module: nn.Module) -> list[str]:
     return ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
 
 
-for _type in (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
-              nn.ConvTranspose2d, nn.ConvTranspose3d):  # fmt: skip
+for _type in (
+    nn.Linear,
+    nn.Embedding,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+):
     register_weights(_type, _weight)
 for _type in (nn.LSTM, nn.GRU, nn.RNN):
     register_weights(_type, _recurrent)
