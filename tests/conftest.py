@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("QDISTILL_DATA", ROOT.parent / "shared" / "data"))
 BIN = Path(sys.executable).parent
+QDISTILL = BIN / "qdistill"
 
 
 def data_path(*parts: str) -> Path:

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import QDISTILL
 
 from compressor import load_packed
 from recipes.experiments import RecipeError, list_recipes, load_recipe, run_recipe
-
-QDISTILL = Path(sys.executable).parent / "qdistill"
 
 
 def _qdistill(*args: str) -> subprocess.CompletedProcess:

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import BIN
 
-BIN = Path(sys.executable).parent
 STOCK_TRANSLATE = (
     "import argparse, torch; torch.serialization.add_safe_globals([argparse.Namespace]); "
     "from onmt.bin.translate import main; main()"

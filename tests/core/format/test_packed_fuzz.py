@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 from torch import nn
@@ -541,7 +542,7 @@ def test_loading_crafted_files_stays_within_a_memory_bound(tmp_path):
     warm = [_tiny(tmp_path, coder, 2) for coder in ("ans", "huffman", None)]
     env = {
         **os.environ,
-        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        "PYTHONPATH": str(ROOT),
         "MALLOC_MMAP_THRESHOLD_": str(1 << 17),  # large blocks mapped, and unmapped when freed
     }
     done = subprocess.run(

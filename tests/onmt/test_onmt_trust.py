@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import BIN, ROOT
 
 from onmt_plugin import bootstrap, install
 from onmt_plugin.options import CONFIG_OPTION, OPTIONS, named_options
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 PYTHON = sys.executable
 
 

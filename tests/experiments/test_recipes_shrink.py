@@ -11,13 +11,12 @@ import pytest
 import torch
 import torchvision
 import yaml
+from conftest import BIN
 from torch import nn
 
 from compressor.format.files import load_checkpoint
 from recipes.shrink_onmt import shrink_onmt_checkpoint, shrink_onmt_file
 from recipes.shrink_vision import shrink_resnet, shrink_sequential, shrink_vgg, vgg_student
-
-BIN = Path(sys.executable).parent
 
 
 def test_resnet34_to_2222_is_resnet18_and_copies_selected_blocks():

@@ -6,13 +6,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
-BIN = Path(sys.executable).parent
+from conftest import BIN
 
 
 def _run(args, cwd):

@@ -12,20 +12,17 @@ import ast
 import json
 import os
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from conftest import QDISTILL, ROOT
 
 from compressor.cli import main as qdistill
 from compressor.format import files
 from recipes import translation
-
-ROOT = Path(__file__).resolve().parents[1]
-QDISTILL = Path(sys.executable).parent / "qdistill"
 
 
 def _run_cli(capsys, *args) -> tuple[int, str, str]:

@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
 from vision_plugin.models import build_model, load_state
 from vision_plugin.train import UsageError, get_args_parser, main, run
 
-SAMPLE = Path(__file__).resolve().parents[1] / "vision_plugin" / "demo_data"
+SAMPLE = ROOT / "vision_plugin" / "demo_data"
 STUDENT = ["--model", "squeezenet1_1", "--dropout", "0", "--cifar-stem"]
 SMALL = [
     "--data-path",
@@ -253,7 +254,7 @@ def test_a_kill_while_the_demo_writes_its_report_leaves_the_earlier_report(tmp_p
 
 def test_vision_writers_go_through_compressor_files():
     """No hand-written temporary-name-and-rename, and no direct write, in the plugin."""
-    folder = Path(__file__).resolve().parents[1] / "vision_plugin"
+    folder = ROOT / "vision_plugin"
     for source in folder.glob("*.py"):
         text = source.read_text()
         for direct in ("os.replace(", ".write_text(", "torch.save(", "save_file(", ".savefig(out"):

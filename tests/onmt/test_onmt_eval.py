@@ -5,13 +5,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
-
-BIN = Path(sys.executable).parent
+from conftest import BIN
 
 
 def _run(args, cwd):

@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+
 LAYERS = ("quantization", "surgery", "format", "training", "cli")
 # The file format reads and writes bytes; what a model is, it never needs to know.
 FORBIDDEN = {("format", "surgery")}
