@@ -3,60 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 
 import pytest
-import yaml
-from conftest import BIN
-
-
-def _run(args, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, env=env)
-    return done
+from conftest import BIN, run_command, train_tiny_onmt
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from conftest import data_path
-
-    toy = data_path("toy-ende")
+    """A 5-step fp32 RNN on 300 toy en-de pairs."""
     folder = tmp_path_factory.mktemp("onmt_eval")
-    for name, n in (("src-train", 300), ("tgt-train", 300), ("src-val", 20), ("tgt-val", 20)):
-        lines = (toy / f"{name}.txt").read_text().splitlines()[:n]
-        (folder / f"{name}.txt").write_text("\n".join(lines) + "\n")
-    config = {
-        "src_vocab": "vocab.src",
-        "tgt_vocab": "vocab.tgt",
-        "save_data": "vocab",
-        "src_vocab_size": 300,
-        "tgt_vocab_size": 300,
-        "overwrite": True,
-        "data": {
-            "corpus_1": {"path_src": "src-train.txt", "path_tgt": "tgt-train.txt"},
-            "valid": {"path_src": "src-val.txt", "path_tgt": "tgt-val.txt"},
-        },
-        "encoder_type": "rnn",
-        "decoder_type": "rnn",
-        "layers": 1,
-        "hidden_size": 16,
-        "word_vec_size": 16,
-        "batch_size": 16,
-        "batch_type": "sents",
-        "train_steps": 5,
-        "save_checkpoint_steps": 5,
-        "valid_steps": 5,
-        "seed": 1,
-        "num_workers": 0,
-    }
-    (folder / "c.yaml").write_text(yaml.safe_dump(config))
-    assert (
-        _run([BIN / "onmt_build_vocab", "-config", "c.yaml", "-n_sample", "300"], folder).returncode
-        == 0
-    )
-    done = _run([BIN / "onmt_train", "-config", "c.yaml", "-save_model", "m"], folder)
-    assert done.returncode == 0, done.stderr[-2000:]
+    train_tiny_onmt(folder, pairs=300, valid=20, vocab=300, encoder_type="rnn", decoder_type="rnn")
     return folder
 
 
@@ -90,7 +46,7 @@ def test_cli_scores_hypothesis_file_and_model(tiny, tmp_path):
         "--json",
         out,
     ]
-    done = _run(args, tiny)
+    done = run_command(args, tiny)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {r["name"]: r for r in json.loads(out.read_text())}
     assert rows["self"]["bleu"] == pytest.approx(100.0)
@@ -107,6 +63,8 @@ def test_cli_scores_hypothesis_file_and_model(tiny, tmp_path):
 def test_mismatched_files_are_a_one_line_error(tiny, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("one line\n")
-    done = _run([BIN / "qdistill", "onmt-eval", "--ref", "tgt-val.txt", "--hyp", short], tiny)
+    done = run_command(
+        [BIN / "qdistill", "onmt-eval", "--ref", "tgt-val.txt", "--hyp", short], tiny
+    )
     assert done.returncode == 2
     assert "must align line by line" in done.stderr and "Traceback" not in done.stderr
