@@ -657,6 +657,9 @@ def main(args: argparse.Namespace) -> dict:
                 "rng": torch.get_rng_state(),
                 WRITTEN_BY: WRITER,
             }
+            record = compressor.quantization_record(getattr(student, "module", student))
+            if record:  # how each weight is quantized, as OpenNMT checkpoints carry it too
+                checkpoint["qdistill"] = record.to_dict()
             if teacher is not None and args.qkd_co_epochs:
                 checkpoint["teacher"] = getattr(teacher, "module", teacher).state_dict()
             atomic_save(checkpoint, output / f"model_{epoch}.pth")
