@@ -13,6 +13,7 @@ from compressor.cli.flags import add_quantization_flags, quant_config
 from compressor.format.files import WRITTEN_BY, check_output, is_text_file
 from compressor.quantization.record import QuantRecord
 from compressor.surgery.config import QuantConfig
+from compressor.surgery.quantize import quantized_state_from_training
 
 UNPACKED_BY = "qdistill unpack"
 
@@ -186,7 +187,9 @@ def _pack(args: argparse.Namespace) -> int:
     if recorded.get("specs") and not args.requantize:
         try:
             record = QuantRecord.from_dict(recorded)
-        except ValueError as exc:
+            if any(".parametrizations." in key for key in state):  # a training checkpoint
+                state = quantized_state_from_training(state, record)
+        except (ValueError, KeyError) as exc:
             raise UsageError(f"{source}: {exc} (or pass --requantize)") from None
     entropy = None if args.entropy == "none" else args.entropy
     try:

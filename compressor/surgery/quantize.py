@@ -104,6 +104,32 @@ def _plain_key(key: str) -> str | None:
 
 
 @torch.no_grad()
+def quantized_state_from_training(
+    state: Mapping[str, torch.Tensor], record: QuantRecord
+) -> dict[str, torch.Tensor]:
+    """A training checkpoint's state dict (parametrized names, shadow weights) as the plain,
+    quantized state dict its model computes with: each recorded tensor decoded from its
+    codes when the record keeps them (learned grids), else quantized from its shadow weight
+    on its recorded grid (exact: the quantizers compute the same)."""
+    plain = {}
+    for key, value in state.items():
+        name = _plain_key(key)
+        if name is not None:
+            plain[name] = value
+    for name, spec in record.specs.items():
+        if name not in plain:
+            raise KeyError(f"the state dict has no weight {name!r}, which the record names")
+        shadow = plain[name]
+        codes = record.codes.get(name)
+        plain[name] = (
+            spec.decode(codes, shadow.shape, shadow.dtype)
+            if codes is not None
+            else spec.quantize(shadow)
+        )
+    return plain
+
+
+@torch.no_grad()
 def shadow_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict under plain names with the full-precision shadow weights (for resuming)."""
     out = {}

@@ -179,3 +179,21 @@ def test_the_installed_command_reports_errors_and_bad_options(cli_files):
     assert "Traceback" not in done.stderr
     done = _qdistill("pack", "ck.pt", "-o", "x.qd", "--method", "magic", cwd=cli_files)
     assert done.returncode == 2 and "invalid choice" in done.stderr
+
+
+@pytest.mark.parametrize("method", ["uniform", "differentiable", "lsq"])
+def test_pack_reads_the_record_of_a_training_checkpoint(tmp_path, method):
+    """A training checkpoint (parametrized state, shadow weights) with its QuantRecord, as
+    the vision trainer writes it, packs to exactly the values the model computes with."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+    compressor.quantize_(model, compressor.QuantConfig(bits=4, bucket_size=64, method=method))
+    record = compressor.quantization_record(model)
+    expected = compressor.quantized_state_dict(model)
+    checkpoint = {"model": model.state_dict(), "qdistill": record.to_dict(), "epoch": 0}
+    torch.save(checkpoint, tmp_path / "checkpoint.pth")
+    done = _qdistill("pack", "checkpoint.pth", "-o", "student.qd", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    loaded, _ = load_packed(tmp_path / "student.qd")
+    assert set(loaded) == set(expected)
+    assert all(torch.equal(loaded[k], v) for k, v in expected.items())
