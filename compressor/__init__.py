@@ -40,6 +40,10 @@ from compressor.surgery.activations import (
 from compressor.surgery.config import (
     QuantConfig,
 )
+from compressor.surgery.fold import (
+    batchnorm_pairs,
+    fold_batchnorm_,
+)
 from compressor.surgery.quantize import (
     cached,
     load_shadow_state_dict,
@@ -122,6 +126,7 @@ __all__ = [
     "WeightQuantizer",
     "activation_quantizers",
     "allocate_bits",
+    "batchnorm_pairs",
     "cached",
     "quantize_once",
     "pack_and_materialize_",
@@ -135,6 +140,7 @@ __all__ = [
     "encode_nonuniform",
     "encode_uniform",
     "finish_",
+    "fold_batchnorm_",
     "freeze_",
     "freeze_shadow_weights_",
     "insert_activation_quantizers",

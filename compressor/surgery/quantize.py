@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 
@@ -131,12 +132,20 @@ def quantized_state_from_training(
 
 @torch.no_grad()
 def shadow_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict under plain names with the full-precision shadow weights (for resuming)."""
-    out = {}
-    for key, value in model.state_dict().items():
+    """The state dict under plain names with the full-precision shadow weights (for resuming);
+    an OrderedDict with the ``_metadata`` module versions of the plain model, as
+    ``model.state_dict()`` gives them (some modules' ``load_state_dict`` needs them)."""
+    state = model.state_dict()
+    out = OrderedDict()
+    for key, value in state.items():
         plain = _plain_key(key)
         if plain is not None:
             out[plain] = value
+    versions = getattr(state, "_metadata", None)
+    if versions is not None:  # the quantizers' own modules are no part of the plain model
+        out._metadata = type(versions)(
+            (k, v) for k, v in versions.items() if ".parametrizations." not in f".{k}."
+        )
     return out
 
 
@@ -246,7 +255,9 @@ def quantize_state_dict(
             "takes method='uniform' or 'nonuniform'"
         )
     candidates = model_candidates(model) if model is not None else state_candidates(state)
-    out, specs = dict(state), {}
+    out, specs = OrderedDict(state), {}
+    if hasattr(state, "_metadata"):  # module versions, which load_state_dict may need
+        out._metadata = state._metadata
     done: dict[tuple, str] = {}  # tied tensors (one storage) are quantized once and stay tied
     for module_name, tensor_names in select(candidates, config):
         bits = config.bits_for(module_name)

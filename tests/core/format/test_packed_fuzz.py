@@ -145,8 +145,9 @@ def _signed_mutation(data: bytes, rng: np.random.Generator) -> bytes:
     header = json.loads(data[8 : 8 + header_len])["__metadata__"]
     target = rng.integers(0, 3)
     if target == 0:  # metadata
-        field = ["tensors", "coders", "version", "format"][int(rng.integers(0, 4))]
-        if field in ("tensors", "coders"):
+        fields = ["tensors", "coders", "version", "format", "module_versions"]
+        field = fields[int(rng.integers(0, len(fields)))]
+        if field in ("tensors", "coders", "module_versions"):
             header[field] = json.dumps(_edit_json(json.loads(header[field]), rng))
         else:
             header[field] = str(_edit_json(header[field], rng))
