@@ -56,7 +56,7 @@ if editable_wheel is not None:
         """An editable wheel holds only the import hooks of the editable install, not
         build_lib: add the start-up file to the files it unpacks into site-packages."""
 
-        def _run_build_commands(self, dist_name, unpacked_wheel, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        def _run_build_commands(self, dist_name, unpacked_wheel, *args, **kwargs):
             result = super()._run_build_commands(dist_name, unpacked_wheel, *args, **kwargs)
             _write_pth(unpacked_wheel)
             return result

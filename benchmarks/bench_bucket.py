@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.rerun and cached is not None and cached["config"] == asdict(cfg):
         print("bucket sizes: cached", flush=True)
         return cached
-    data = runs.load_cifar10(runs.data_root(), cfg.train_images, cfg.test_images, cfg.seed,
-                             cfg.device)  # fmt: skip
+    data = runs.load_cifar10(
+        runs.data_root(), cfg.train_images, cfg.test_images, cfg.seed, cfg.device
+    )
     student = cifar.trained_model(cfg, data, WORK, "student_fp32_distilled")
     fp32 = WORK / "student_fp32_distilled.safetensors"  # the file the student ships as in fp32
     state = {k: v.contiguous().cpu() for k, v in student.state_dict().items()}
@@ -63,8 +64,10 @@ def main(argv: list[str] | None = None) -> dict:
             "packed_bytes": packed,
             "packed_bytes_ans": ans,
         }
-        print(f"  bucket {bucket or 'tensor':>6}: {row['accuracy']:.2f}%  {packed:,} bytes",
-              flush=True)  # fmt: skip
+        print(
+            f"  bucket {bucket or 'tensor':>6}: {row['accuracy']:.2f}%  {packed:,} bytes",
+            flush=True,
+        )
         rows.append(row)
     result = {
         "what": f"PM {BITS}-bit of the CIFAR-10 recipe's distilled student, by bucket size",

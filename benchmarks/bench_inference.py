@@ -51,12 +51,13 @@ def _weighted_layers(model: nn.Module) -> int:
     return sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
 
 
-def classification_pair(name: str, teacher: nn.Module, student: nn.Module,
-                        batch: torch.Tensor, repeats: int) -> dict:  # fmt: skip
+def classification_pair(
+    name: str, teacher: nn.Module, student: nn.Module, batch: torch.Tensor, repeats: int
+) -> dict:
     """Batch latency and throughput of both models, with depth and FLOP ratios."""
     teacher.eval(), student.eval()
 
-    def forward(model: nn.Module):  # noqa: ANN202
+    def forward(model: nn.Module):
         def run() -> None:
             with torch.inference_mode():
                 model(batch)
@@ -73,18 +74,21 @@ def classification_pair(name: str, teacher: nn.Module, student: nn.Module,
             **teacher_t,
             "layers": _weighted_layers(teacher),
             "images_per_s": len(batch) / teacher_t["median_s"],
-        },  # fmt: skip
+        },
         "student": {
             **student_t,
             "layers": _weighted_layers(student),
             "images_per_s": len(batch) / student_t["median_s"],
-        },  # fmt: skip
+        },
         "student_over_teacher_time": ratio(student_t, teacher_t),
         "predicted_by_depth": depth,
         "predicted_by_flops": _flops(student, batch) / _flops(teacher, batch),
     }
-    print(f"  {name}: student/teacher time {result['student_over_teacher_time']['median']:.2f} "
-          f"(depth predicts {depth:.2f})", flush=True)  # fmt: skip
+    print(
+        f"  {name}: student/teacher time {result['student_over_teacher_time']['median']:.2f} "
+        f"(depth predicts {depth:.2f})",
+        flush=True,
+    )
     return result
 
 
@@ -129,9 +133,21 @@ def translation(folder: Path, repeats: int, threads: int) -> dict:
     source = folder / "data" / "test.src"
     sentences = len(source.read_text(encoding="utf-8").splitlines())
     models = {"teacher": folder / "teacher.pt", "student_qd4": folder / "student_qd4.qd"}
-    extra = ["-gpu", "-1", "-batch_size", "32", "-beam_size", "5", "-report_time",
-             "-transforms", "sentencepiece", "-src_subword_model", str(folder / "spm.src.model"),
-             "-tgt_subword_model", str(folder / "spm.tgt.model")]  # fmt: skip
+    extra = [
+        "-gpu",
+        "-1",
+        "-batch_size",
+        "32",
+        "-beam_size",
+        "5",
+        "-report_time",
+        "-transforms",
+        "sentencepiece",
+        "-src_subword_model",
+        str(folder / "spm.src.model"),
+        "-tgt_subword_model",
+        str(folder / "spm.tgt.model"),
+    ]
     samples: dict[str, list[float]] = {name: [] for name in models}
     tokens: dict[str, list[float]] = {name: [] for name in models}
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,10 +161,14 @@ def translation(folder: Path, repeats: int, threads: int) -> dict:
     for name in models:
         series = samples[name]
         rows[name] = {
-            "median_s": statistics.median(series), "min_s": min(series), "max_s": max(series),
-            "repeats": repeats, "tokens_per_s": statistics.median(tokens[name]),
-            "path": str(models[name]), "bytes": models[name].stat().st_size,
-        }  # fmt: skip
+            "median_s": statistics.median(series),
+            "min_s": min(series),
+            "max_s": max(series),
+            "repeats": repeats,
+            "tokens_per_s": statistics.median(tokens[name]),
+            "path": str(models[name]),
+            "bytes": models[name].stat().st_size,
+        }
     result = {
         "models_from": str(folder),
         "sentences": sentences,
@@ -157,8 +177,11 @@ def translation(folder: Path, repeats: int, threads: int) -> dict:
         "student_over_teacher_time": ratio(rows["student_qd4"], rows["teacher"]),
         "predicted_by_depth": 0.5,  # 1 encoder + 1 decoder layer against 2 + 2
     }
-    print(f"  translation: student/teacher time {result['student_over_teacher_time']['median']:.2f}"
-          " (depth predicts 0.50)", flush=True)  # fmt: skip
+    print(
+        f"  translation: student/teacher time {result['student_over_teacher_time']['median']:.2f}"
+        " (depth predicts 0.50)",
+        flush=True,
+    )
     return result
 
 
@@ -187,9 +210,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scale", default="cpu", choices=("cpu", "paper"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="torch and onmt_translate threads")
-    parser.add_argument("--translation-dir", help="folder with teacher.pt, student_qd4.qd, "
-                        "data/test.src and spm.*.model (default: the multi30k recipe's, "
-                        "else make demo's)")  # fmt: skip
+    parser.add_argument(
+        "--translation-dir",
+        help="folder with teacher.pt, student_qd4.qd, "
+        "data/test.src and spm.*.model (default: the multi30k recipe's, "
+        "else make demo's)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the onmt_translate processes
@@ -200,9 +226,11 @@ def main(argv: list[str] | None = None) -> dict:
     if folder is None:
         kept = kept_figures("inference", ("translation", "loading"))
         result.update(kept)  # a fresh clone: keep the committed figures rather than drop them
-        print("inference: no trained translation models yet (run the multi30k recipe or "
-              "make demo); translation " + ("figures kept from the last run" if kept
-                                            else "skipped"), flush=True)  # fmt: skip
+        print(
+            "inference: no trained translation models yet (run the multi30k recipe or "
+            "make demo); translation " + ("figures kept from the last run" if kept else "skipped"),
+            flush=True,
+        )
     else:
         print(f"inference: translation with the models in {folder}", flush=True)
         result["translation"] = translation(folder, args.repeats, args.threads)

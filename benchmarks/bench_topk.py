@@ -48,8 +48,10 @@ def main(argv: list[str] | None = None) -> dict:
         "ppl_word_cached_over_exact": cached["ppl_word"] / exact["ppl_word"],
     }
     write_result("topk", summary)
-    print(f"top-{args.top_k} cached teacher: BLEU {cached['bleu']:.2f} against "
-          f"{exact['bleu']:.2f} with the full teacher")  # fmt: skip
+    print(
+        f"top-{args.top_k} cached teacher: BLEU {cached['bleu']:.2f} against "
+        f"{exact['bleu']:.2f} with the full teacher"
+    )
     return summary
 
 

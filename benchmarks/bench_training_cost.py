@@ -54,20 +54,25 @@ def vision(scale: str, repeats: int) -> dict:
     build = timings(lambda: runs.teacher_logit_table(teacher, data), repeats=5)
     per_view = build["median_s"] / table[..., 0].numel()  # seconds per image and view
     inputs, target, logits = next(runs.batches(data, cfg.batch_size, cfg.seed, table))
-    students = {"plain": runs.student(cfg), "teacher": runs.student(cfg),
-                "table": runs.student(cfg)}  # fmt: skip
+    students = {
+        "plain": runs.student(cfg),
+        "teacher": runs.student(cfg),
+        "table": runs.student(cfg),
+    }
     for name in ("teacher", "table"):
         compressor.quantize_(students[name], compressor.QuantConfig(bits=4))
-    optimizers = {n: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
-                  for n, m in students.items()}  # fmt: skip
+    optimizers = {
+        n: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for n, m in students.items()
+    }
     sources = {"plain": None, "teacher": teacher, "table": logits}
     config = DistillConfig(cfg.temperature, cfg.alpha)
 
-    def steps(name: str):  # noqa: ANN202
+    def steps(name: str):
         # Ten steps a sample: a single 70 ms step is at the mercy of this machine's noise.
         model, source, optimizer = students[name], sources[name], optimizers[name]
-        return lambda: [distill_step(model, source, inputs, target, optimizer, config)
-                        for _ in range(10)]  # fmt: skip
+        return lambda: [
+            distill_step(model, source, inputs, target, optimizer, config) for _ in range(10)
+        ]
 
     rows = interleaved_timings({name: steps(name) for name in students}, repeats)
     plain = rows["plain"]
@@ -93,16 +98,20 @@ def vision(scale: str, repeats: int) -> dict:
 
 def _seconds_per_step(log: str, after: int) -> float:
     """Seconds per step between OpenNMT's first step line past ``after`` and its last one."""
-    stamps = [(int(step), datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f"))
-              for t, step in _STEP.findall(log) if int(step) >= after]  # fmt: skip
+    stamps = [
+        (int(step), datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f"))
+        for t, step in _STEP.findall(log)
+        if int(step) >= after
+    ]
     if len(stamps) < 2:
         raise RuntimeError(f"onmt_train reported fewer than two steps past {after}:\n{log[-2000:]}")
     (first_step, first), (last_step, last) = stamps[0], stamps[-1]
     return (last - first).total_seconds() / (last_step - first_step)
 
 
-def translation(folder: Path, steps: int, repeats: int, threads: int, pairs: int,
-                top_k: int) -> dict:  # fmt: skip
+def translation(
+    folder: Path, steps: int, repeats: int, threads: int, pairs: int, top_k: int
+) -> dict:
     """Plain, quantized-distillation and top-k cached quantized-distillation ``onmt_train``
     runs, interleaved, on the first ``pairs`` training pairs: small enough that the timed
     second half of the run is past the first epoch, where the top-k cache is warm."""
@@ -110,8 +119,14 @@ def translation(folder: Path, steps: int, repeats: int, threads: int, pairs: int
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     start = ["-train_from", str(folder / "student_init.pt"), "-reset_optim", "all"]
-    distil = [*start, "-quantized_distill", "-teacher_model", str(folder / "teacher.pt"),
-              "-quant_bits", "4"]  # fmt: skip
+    distil = [
+        *start,
+        "-quantized_distill",
+        "-teacher_model",
+        str(folder / "teacher.pt"),
+        "-quant_bits",
+        "4",
+    ]
     variants = {
         "plain_fp32_step": start,
         "quantized_distillation_step": distil,
@@ -126,25 +141,41 @@ def translation(folder: Path, steps: int, repeats: int, threads: int, pairs: int
             atomic_write_text(corpus[f"path_{side}"], "\n".join(lines[:pairs]) + "\n")
         data = {**config["data"], "corpus_1": corpus}
         for name in variants:
-            atomic_write_text(f"{tmp}/{name}.yaml", yaml.safe_dump({
-                **config, "data": data, "save_model": f"{tmp}/{name}", "train_steps": steps,
-                "report_every": 10, "save_checkpoint_steps": 10 * steps, "valid_steps": 10 * steps,
-            }))  # fmt: skip
+            atomic_write_text(
+                f"{tmp}/{name}.yaml",
+                yaml.safe_dump(
+                    {
+                        **config,
+                        "data": data,
+                        "save_model": f"{tmp}/{name}",
+                        "train_steps": steps,
+                        "report_every": 10,
+                        "save_checkpoint_steps": 10 * steps,
+                        "valid_steps": 10 * steps,
+                    }
+                ),
+            )
         for _ in range(repeats):
             for name, args in variants.items():
                 done = subprocess.run(
                     [bin_dir / "onmt_train", "-config", f"{tmp}/{name}.yaml", *args],
-                    capture_output=True, text=True, env=env,
-                )  # fmt: skip
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                )
                 if done.returncode:
                     raise RuntimeError(f"onmt_train failed:\n{done.stderr[-2000:]}")
                 samples[name].append(_seconds_per_step(done.stderr + done.stdout, steps // 2))
                 print(f"    {name}: {samples[name][-1]:.3f} s/step", flush=True)
     rows = {
-        name: {"median_s": statistics.median(s), "min_s": min(s), "max_s": max(s),
-               "repeats": len(s)}
+        name: {
+            "median_s": statistics.median(s),
+            "min_s": min(s),
+            "max_s": max(s),
+            "repeats": len(s),
+        }
         for name, s in samples.items()
-    }  # fmt: skip
+    }
     plain = rows["plain_fp32_step"]
     return {
         "setup": f"onmt_train, {config['layers']}-layer LSTM student ({config['hidden_size']} "
@@ -166,10 +197,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--onmt-pairs", type=int, default=2000, help="training pairs used")
     parser.add_argument("--top-k", type=int, default=8, help="K of the -distill_topk run")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", choices=("vision", "translation"),
-                        help="measure one part again, keep the other's figures")  # fmt: skip
-    parser.add_argument("--translation-dir", help="a multi30k recipe work folder (default: "
-                        "the recipe's, else make demo's)")  # fmt: skip
+    parser.add_argument(
+        "--only",
+        choices=("vision", "translation"),
+        help="measure one part again, keep the other's figures",
+    )
+    parser.add_argument(
+        "--translation-dir",
+        help="a multi30k recipe work folder (default: the recipe's, else make demo's)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     result: dict = {"config": vars(args), "goal": "at most 1.3x"}
@@ -187,11 +223,14 @@ def main(argv: list[str] | None = None) -> dict:
     if folder is None:
         kept = kept_figures("training_cost", ("translation",))
         result.update(kept)  # a fresh clone: keep the committed figures rather than drop them
-        print("training cost: no multi30k recipe or demo run yet; translation "
-              + ("figures kept from the last run" if kept else "skipped"))  # fmt: skip
+        print(
+            "training cost: no multi30k recipe or demo run yet; translation "
+            + ("figures kept from the last run" if kept else "skipped")
+        )
     else:
-        result["translation"] = translation(folder, args.onmt_steps, args.repeats, args.threads,
-                                            args.onmt_pairs, args.top_k)  # fmt: skip
+        result["translation"] = translation(
+            folder, args.onmt_steps, args.repeats, args.threads, args.onmt_pairs, args.top_k
+        )
         print(f"training cost, translation: {result['translation']['ratio']['median']:.2f}x")
     write_result("training_cost", result)
     return result

@@ -35,10 +35,14 @@ def interleaved_timings(
             fn()
             samples[name].append(time.perf_counter() - start)
     return {
-        name: {"median_s": statistics.median(s), "min_s": min(s), "max_s": max(s),
-               "repeats": repeats}
+        name: {
+            "median_s": statistics.median(s),
+            "min_s": min(s),
+            "max_s": max(s),
+            "repeats": repeats,
+        }
         for name, s in samples.items()
-    }  # fmt: skip
+    }
 
 
 def ratio(numerator: dict, denominator: dict) -> dict:

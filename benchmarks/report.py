@@ -70,8 +70,14 @@ def _size_goals(label: str, fp32_bytes: int, packed: int | None, ans: int | None
     for size, how in ((packed, "packed file"), (ans, "entropy-coded (`--entropy ans`) file")):
         if size:
             ratio = fp32_bytes / size
-            out.append(_goal(f"{label}: {how} smaller than its own fp32 file, times", ratio,
-                             ">= 7.3", ratio >= 7.3))  # fmt: skip
+            out.append(
+                _goal(
+                    f"{label}: {how} smaller than its own fp32 file, times",
+                    ratio,
+                    ">= 7.3",
+                    ratio >= 7.3,
+                )
+            )
     return out
 
 
@@ -81,17 +87,31 @@ def _cifar_goals(by_name: dict) -> list[str]:
     acc = {name: r["accuracy"] for name, r in by_name.items()}
     if {"qd_4", "student_fp32_distilled"} <= acc.keys():
         gap = acc["student_fp32_distilled"] - acc["qd_4"]
-        out.append(_goal("4-bit quantized distillation below the distilled fp32 student, points",
-                         gap, "<= 0.5", gap <= 0.5))  # fmt: skip
+        out.append(
+            _goal(
+                "4-bit quantized distillation below the distilled fp32 student, points",
+                gap,
+                "<= 0.5",
+                gap <= 0.5,
+            )
+        )
     if "pm_2" in acc and ({"qd_2", "dq_2"} & acc.keys()):
         best = max(acc[n] for n in ("qd_2", "dq_2") if n in acc)
         margin = best - acc["pm_2"]
-        out.append(_goal("2-bit: best of quantized distillation / differentiable quantization "
-                         "above PM, points", margin, ">= 20", margin >= 20))  # fmt: skip
+        out.append(
+            _goal(
+                "2-bit: best of quantized distillation / differentiable quantization "
+                "above PM, points",
+                margin,
+                ">= 20",
+                margin >= 20,
+            )
+        )
     for name, r in sorted(by_name.items()):
         if r.get("bits") == 4:
-            out.extend(_size_goals(name, r["fp32_bytes"], r.get("packed_bytes"),
-                                   r.get("packed_bytes_ans")))  # fmt: skip
+            out.extend(
+                _size_goals(name, r["fp32_bytes"], r.get("packed_bytes"), r.get("packed_bytes_ans"))
+            )
     out.append("")
     return out if len(out) > 3 else []
 
@@ -119,13 +139,22 @@ def _translation_section(lines: list[str]) -> None:
     lines.append(f"BLEU signature: `{rows[0]['extra'].get('bleu_signature', '')}`\n")
     if {"teacher", "student_qd4"} <= by_name.keys():
         gap = by_name["teacher"]["bleu"] - by_name["student_qd4"]["bleu"]
-        lines.append(_goal("4-bit quantized-distillation student below the teacher, BLEU",
-                           gap, "<= 1.0", gap <= 1.0))  # fmt: skip
+        lines.append(
+            _goal(
+                "4-bit quantized-distillation student below the teacher, BLEU",
+                gap,
+                "<= 1.0",
+                gap <= 1.0,
+            )
+        )
     if "student_fp32" in by_name:  # the students' own fp32 file: the same 1-layer model
         for name, r in by_name.items():
             if name.startswith(("student_qd4", "student_dq4")):
-                lines.extend(_size_goals(name, by_name["student_fp32"]["bytes"], r["bytes"],
-                                         r.get("bytes_ans")))  # fmt: skip
+                lines.extend(
+                    _size_goals(
+                        name, by_name["student_fp32"]["bytes"], r["bytes"], r.get("bytes_ans")
+                    )
+                )
     lines.append("")
     lines.append("![BLEU against file size](multi30k_bleu_vs_size.png)\n")
     fp32_student = by_name.get("student_fp32", {}).get("bytes")
@@ -188,12 +217,24 @@ def _translation_long(lines: list[str], main_steps: int, fp32_student: int | Non
     if {"teacher", "student_qd4"} <= by_name.keys():
         gap = by_name["teacher"]["bleu"] - by_name["student_qd4"]["bleu"]
         lines.append("")
-        lines.append(_goal(f"4-bit student after {p['student_steps']} steps below its teacher, "
-                           "BLEU", gap, "<= 1.0", gap <= 1.0))  # fmt: skip
+        lines.append(
+            _goal(
+                f"4-bit student after {p['student_steps']} steps below its teacher, BLEU",
+                gap,
+                "<= 1.0",
+                gap <= 1.0,
+            )
+        )
         if fp32_student:  # the main table's fp32 student: the same 1-layer model
             r = by_name["student_qd4"]
-            lines.extend(_size_goals(f"student_qd4 after {p['student_steps']} steps",
-                                     fp32_student, r["bytes"], r.get("bytes_ans")))  # fmt: skip
+            lines.extend(
+                _size_goals(
+                    f"student_qd4 after {p['student_steps']} steps",
+                    fp32_student,
+                    r["bytes"],
+                    r.get("bytes_ans"),
+                )
+            )
     lines.append("")
 
 
@@ -247,17 +288,25 @@ def _training_cost_section(lines: list[str]) -> None:
             lines.append(f"{against_goal(r['ratio'], part)}; {r['setup']}")
             if "ratio_teacher_table" in r:
                 lines.append(
-                    against_goal(r["ratio_teacher_table"], f"{part} distilling from the "
-                                 "teacher's logits computed once per image and view "
-                                 "(`recipes.small_runs.teacher_logit_table`, exact, what the "
-                                 "CIFAR-10 recipe does)")
+                    against_goal(
+                        r["ratio_teacher_table"],
+                        f"{part} distilling from the "
+                        "teacher's logits computed once per image and view "
+                        "(`recipes.small_runs.teacher_logit_table`, exact, what the "
+                        "CIFAR-10 recipe does)",
+                    )
                     + f"; {r['ratio_teacher_table_with_its_cost']:.2f}x with the table's "
                     "one-time cost spread over a whole recipe run"
-                )  # fmt: skip
+                )
             if "ratio_top_k_cached" in r:
-                lines.append(against_goal(r["ratio_top_k_cached"], f"{part} with `-distill_topk "
-                             f"{r['top_k']}` once its cache is warm (from the second epoch "
-                             "on)"))  # fmt: skip
+                lines.append(
+                    against_goal(
+                        r["ratio_top_k_cached"],
+                        f"{part} with `-distill_topk "
+                        f"{r['top_k']}` once its cache is warm (from the second epoch "
+                        "on)",
+                    )
+                )
     topk = _load(RESULTS / "topk.json")
     if topk:
         rows = {r["name"]: r for r in topk["rows"]}

@@ -9,6 +9,7 @@ from benchmarks import (
     bench_packed,
     bench_quantizer,
     bench_topk,
+    bench_torchvision,
     bench_training_cost,
     bench_translation,
     report,
@@ -24,6 +25,7 @@ def main() -> None:
     bench_training_cost.main([])
     bench_topk.main([])
     bench_inference.main([])
+    bench_torchvision.main([])
     report.main()
 
 

@@ -40,6 +40,10 @@ from compressor.surgery.activations import (
 from compressor.surgery.config import (
     QuantConfig,
 )
+from compressor.surgery.fold import (
+    batchnorm_pairs,
+    fold_batchnorm_,
+)
 from compressor.surgery.quantize import (
     cached,
     load_shadow_state_dict,
@@ -47,6 +51,7 @@ from compressor.surgery.quantize import (
     quantization_record,
     quantization_specs,
     quantize_,
+    quantize_once,
     quantize_state_dict,
     quantized_state_dict,
     quantized_tensors,
@@ -60,14 +65,14 @@ from compressor.surgery.quantizers import (
     UniformQuantizer,
     WeightQuantizer,
 )
-from compressor.surgery.report import (
-    SizeReport,
-    size_report,
-)
 from compressor.surgery.selection import (
     is_layer_weight,
     quantizable_weights,
     register_weights,
+)
+from compressor.surgery.size import (
+    SizeReport,
+    size_report,
 )
 from compressor.training.bit_allocation import (
     allocate_bits,
@@ -89,6 +94,7 @@ from compressor.training.distillation import (
 )
 from compressor.training.finish import (
     finish_,
+    pack_and_materialize_,
     save_packed,
 )
 from compressor.training.qkd import (
@@ -120,7 +126,10 @@ __all__ = [
     "WeightQuantizer",
     "activation_quantizers",
     "allocate_bits",
+    "batchnorm_pairs",
     "cached",
+    "quantize_once",
+    "pack_and_materialize_",
     "constrain_points_",
     "decode_nonuniform",
     "decode_uniform",
@@ -131,6 +140,7 @@ __all__ = [
     "encode_nonuniform",
     "encode_uniform",
     "finish_",
+    "fold_batchnorm_",
     "freeze_",
     "freeze_shadow_weights_",
     "insert_activation_quantizers",

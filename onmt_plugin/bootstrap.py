@@ -80,7 +80,7 @@ def hook_installed() -> bool:
     return any(getattr(finder, HOOK_MARK, False) for finder in sys.meta_path)
 
 
-def find_spec(name, path=None, target=None):  # noqa: ANN001, ANN201
+def find_spec(name, path=None, target=None):
     """The finder's work for ``onmt`` and ``onmt.*`` modules: None (let the other finders
     find it), or the spec of a module to patch with a loader that patches it."""
     if name == TRAIN_ENTRY:
@@ -106,16 +106,16 @@ def find_spec(name, path=None, target=None):  # noqa: ANN001, ANN201
 class _PatchingLoader:
     """The module's own loader, followed by :func:`onmt_plugin.hooks.patch`."""
 
-    def __init__(self, wrapped) -> None:  # noqa: ANN001
+    def __init__(self, wrapped) -> None:
         self._wrapped = wrapped
 
-    def __getattr__(self, name):  # noqa: ANN001, ANN204
+    def __getattr__(self, name):
         return getattr(self._wrapped, name)
 
-    def create_module(self, spec):  # noqa: ANN001, ANN201
+    def create_module(self, spec):
         return self._wrapped.create_module(spec)
 
-    def exec_module(self, module) -> None:  # noqa: ANN001
+    def exec_module(self, module) -> None:
         self._wrapped.exec_module(module)
         from onmt_plugin import hooks
 
@@ -128,7 +128,7 @@ class _Hook:
     _qdistill_onmt_hook = True
 
     @staticmethod
-    def find_spec(name, path=None, target=None):  # noqa: ANN001, ANN205
+    def find_spec(name, path=None, target=None):
         if name == "onmt" or name[:5] == "onmt.":
             return find_spec(name, path, target)
         return None

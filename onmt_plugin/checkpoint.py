@@ -19,8 +19,9 @@ def split_generator(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
 
 
 def qdistill_record(model: nn.Module) -> dict:
-    """What a resume needs beyond the quantized values: shadow weights, quantizer state
-    (learned points), each tensor's quantization spec and the settings."""
+    """What the checkpoint carries beyond the quantized values: the core's
+    :class:`compressor.QuantRecord` (each tensor's spec, and the codes of learned grids), and
+    what a resume needs: shadow weights, quantizer state (learned points), the settings."""
     quantizer_state = {
         k: v
         for k, v in model.state_dict().items()
@@ -28,13 +29,10 @@ def qdistill_record(model: nn.Module) -> dict:
     }
     state = model.__dict__.get("_qdistill")
     return {
+        **compressor.quantization_record(model).to_dict(),  # the core's versioned record
         "shadow": compressor.shadow_state_dict(model),
         "quantizer_state": quantizer_state,
-        "specs": {
-            name: spec.to_dict() for name, spec in compressor.quantization_specs(model).items()
-        },
         "settings": state.settings.to_dict() if state is not None else None,
-        "format": 1,
     }
 
 

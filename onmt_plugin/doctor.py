@@ -73,7 +73,7 @@ def _onmt_lines(active: bool, problems: list[str]) -> list[str]:
     with open(os.devnull, "w") as quiet:  # OpenNMT's import warnings are not the report
         stderr, sys.stderr = sys.stderr, quiet
         try:
-            import onmt  # noqa: F401
+            import onmt
 
             hooks.import_targets()
             import onmt.bin.translate  # noqa: F401

@@ -174,9 +174,12 @@ def run(args: argparse.Namespace) -> int:
         inputs = [args.ref, args.src, args.src_subword_model, args.tgt_subword_model]
         inputs += [_named(spec)[1] for spec in [*args.models, *(args.hyp or [])]]
         check_output(
-            args.json, [p for p in inputs if p], force=args.force, ours=is_eval_json,
+            args.json,
+            [p for p in inputs if p],
+            force=args.force,
+            ours=is_eval_json,
             what="qdistill onmt-eval --json",
-        )  # fmt: skip
+        )
     refs = _read_lines(args.ref)
     if args.src is not None:
         _read_lines(args.src)
@@ -189,8 +192,14 @@ def run(args: argparse.Namespace) -> int:
         for model in (args.src_subword_model, args.tgt_subword_model):
             if not os.path.isfile(model):
                 raise UsageError(f"subword model {model} does not exist")
-        extra += ["-transforms", "sentencepiece", "-src_subword_model", args.src_subword_model,
-                  "-tgt_subword_model", args.tgt_subword_model]  # fmt: skip
+        extra += [
+            "-transforms",
+            "sentencepiece",
+            "-src_subword_model",
+            args.src_subword_model,
+            "-tgt_subword_model",
+            args.tgt_subword_model,
+        ]
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.models:
             name, path = _named(spec)

@@ -23,8 +23,16 @@ from compressor.format.files import (
     write_export_marker,
 )
 
-QUANTIZATIONS = ("float32", "int8", "int8_float32", "int16", "float16", "bfloat16",
-                 "int8_float16", "int8_bfloat16")  # fmt: skip
+QUANTIZATIONS = (
+    "float32",
+    "int8",
+    "int8_float32",
+    "int16",
+    "float16",
+    "bfloat16",
+    "int8_float16",
+    "int8_bfloat16",
+)
 _ONMT_KEYS = ("model", "generator", "vocab", "opt")
 _SAME_ATTENTION = {"scaled-dot-flash": "scaled-dot"}
 
@@ -96,8 +104,9 @@ def export(
             raise UsageError(f"{source}: CTranslate2 cannot convert it: {first}") from None
         finally:
             checkpoint.unlink(missing_ok=True)
-        write_export_marker(staging, command="onmt-export-ct2", source=str(source),
-                            quantization=quantization)  # fmt: skip
+        write_export_marker(
+            staging, command="onmt-export-ct2", source=str(source), quantization=quantization
+        )
     return output_dir
 
 
@@ -109,8 +118,10 @@ def _export(args: argparse.Namespace) -> int:
     source, output = Path(args.checkpoint), Path(args.output)
     export(source, output, args.quantization, args.force)
     size = directory_bytes(output)
-    print(f"wrote {output}: CTranslate2 model, {args.quantization} weights, {size:,} bytes; "
-          f"translate with ctranslate2.Translator({str(output)!r})")  # fmt: skip
+    print(
+        f"wrote {output}: CTranslate2 model, {args.quantization} weights, {size:,} bytes; "
+        f"translate with ctranslate2.Translator({str(output)!r})"
+    )
     return 0
 
 
@@ -123,8 +134,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", help="OpenNMT-py checkpoint (.pt) or packed file (.qd)")
     p.add_argument("-o", "--output", required=True, help="CTranslate2 model directory to write")
-    p.add_argument("--quantization", default="float32", choices=QUANTIZATIONS,
-                   help="CTranslate2 weight type (default: float32, exact)")  # fmt: skip
+    p.add_argument(
+        "--quantization",
+        default="float32",
+        choices=QUANTIZATIONS,
+        help="CTranslate2 weight type (default: float32, exact)",
+    )
     p.add_argument(
         "--force",
         action="store_true",

@@ -51,7 +51,7 @@ TARGETS: dict[str, tuple[str, ...]] = {
         "LossCompute.from_opts",
         "LossCompute.forward",
         "Trainer.validate",
-    ),  # fmt: skip
+    ),
     "onmt.models.model_saver": ("ModelSaver._save", "load_checkpoint", "torch"),
 }
 OPTIONAL_TARGETS: dict[str, tuple[str, ...]] = {"onmt.bin.translate": ("main",)}
@@ -212,8 +212,11 @@ def guard_train_run(argv: list[str] | None = None) -> None:
                 f"would ignore them; the plugin supports OpenNMT-py {SUPPORTED_TEXT} "
                 "(see qdistill doctor)"
             )
-    print(f"qdistill: error: this run names qdistill options ({given}) but {reason}",
-          file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"qdistill: error: this run names qdistill options ({given}) but {reason}",
+        file=sys.stderr,
+        flush=True,
+    )
     raise SystemExit(2)
 
 
@@ -226,7 +229,7 @@ def _report_at_console(exc: Exception) -> None:
 def _patch_opts(opts: ModuleType) -> None:
     original = opts._add_quant_opts
 
-    def _add_quant_opts(parser):  # noqa: ANN001, ANN202
+    def _add_quant_opts(parser):
         original(parser)
         if problems() and "--train_steps" in getattr(parser, "_option_string_actions", {}):
             return  # onmt_train's parser stays stock when the plugin cannot work
@@ -239,7 +242,7 @@ def _patch_train_single(train_single: ModuleType) -> None:
     original = train_single.build_model
     original_main = train_single.main
 
-    def build_model(model_opt, opt, vocabs, checkpoint, device_id):  # noqa: ANN001, ANN202
+    def build_model(model_opt, opt, vocabs, checkpoint, device_id):
         if not getattr(opt, "quantized_distill", False):
             return original(model_opt, opt, vocabs, checkpoint, device_id)
         from onmt_plugin.student import prepare_student
@@ -269,7 +272,7 @@ def _patch_train_single(train_single: ModuleType) -> None:
         _log_settings(settings)
         return model
 
-    def main(opt, device_id):  # noqa: ANN001, ANN202
+    def main(opt, device_id):
         from compressor.format.files import CheckpointError
         from onmt_plugin.bootstrap import CONSOLE_ENV
 
@@ -308,7 +311,7 @@ def _patch_trainer(trainer: ModuleType) -> None:
 
     validate = trainer.Trainer.validate
 
-    def validate_quantized(self, valid_iter, moving_average=None):  # noqa: ANN001, ANN202
+    def validate_quantized(self, valid_iter, moving_average=None):
         stats = validate(self, valid_iter, moving_average=moving_average)
         state = getattr(self.model, "_qdistill", None)
         if state is not None and stats is not None:
@@ -341,7 +344,7 @@ class _AtomicTorch:
     def __getattr__(self, name: str) -> object:
         return getattr(self._torch, name)
 
-    def save(self, obj, f, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN201
+    def save(self, obj, f, *args, **kwargs):
         if args or kwargs or not isinstance(f, (str, os.PathLike)):
             return self._torch.save(obj, f, *args, **kwargs)
         from compressor.format.files import atomic_save
@@ -361,7 +364,7 @@ def _patch_model_saver(model_saver: ModuleType) -> None:
     saver = model_saver.ModelSaver
     original = saver._save
 
-    def _save(self, step, model):  # noqa: ANN001, ANN202
+    def _save(self, step, model):
         _Saving.model = model
         try:
             ckpt_path, model_path = original(self, step, model)
@@ -380,7 +383,7 @@ def _patch_model_saver(model_saver: ModuleType) -> None:
 
     load_checkpoint = model_saver.load_checkpoint
 
-    def load_packed_or_checkpoint(ckpt_path):  # noqa: ANN001, ANN202
+    def load_packed_or_checkpoint(ckpt_path):
         from compressor.format.files import CheckpointError
         from compressor.format.packed import is_packed
 
@@ -408,7 +411,7 @@ def _patch_model_saver(model_saver: ModuleType) -> None:
 def _patch_translate(translate: ModuleType) -> None:
     original = translate.main
 
-    def main(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def main(*args, **kwargs):
         from compressor.format.files import CheckpointError
 
         try:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from compressor.training.distillation import distillation_loss
+from compressor.training.distillation import (
+    DistillationTerms,
+    combine_terms,
+    distillation_terms,
+)
 from onmt_plugin.student import teacher_targets
 
 
@@ -13,7 +17,7 @@ def distillation_loss_class(base: type) -> type:
 
     class DistillLossCompute(base):
         @classmethod
-        def from_opts(cls, opt, model, vocab, train=True):  # noqa: ANN001, ANN206
+        def from_opts(cls, opt, model, vocab, train=True):
             loss = super().from_opts(opt, model, vocab, train=train)
             loss.qdistill = getattr(model, "_qdistill", None) if train else None
             loss.captured = None
@@ -23,11 +27,11 @@ def distillation_loss_class(base: type) -> type:
                 loss.generator.register_forward_hook(loss._capture)
             return loss
 
-        def _capture(self, module, inputs, output):  # noqa: ANN001, ANN202
+        def _capture(self, module, inputs, output):
             if self.captured is not None and not self.captured:
                 self.captured.append(output)
 
-        def forward(self, batch, output, attns, trunc_start=0, trunc_size=None):  # noqa: ANN001, ANN201
+        def forward(self, batch, output, attns, trunc_start=0, trunc_size=None):
             state = getattr(self, "qdistill", None)
             if state is None or self.copy_attn:
                 return super().forward(batch, output, attns, trunc_start, trunc_size)
@@ -45,12 +49,14 @@ def distillation_loss_class(base: type) -> type:
             keep = target != self.padding_idx  # pad positions count in neither term
             teacher = teacher_targets(state, batch, end, keep)
             settings = state.settings
-            # Only the soft term (OpenNMT's own loss is the CE), on rows already selected: no
-            # target, so the vocabulary-wide logits are not masked and copied a second time.
-            soft = distillation_loss(
-                student[keep], teacher, None, settings.temperature, 1.0, reduction="sum"
-            )
-            return (1 - settings.alpha) * loss + settings.alpha * soft, stats
+            # OpenNMT's own loss is the hard term (summed CE, with its label smoothing); the
+            # soft term is computed on rows already selected: no target, so the
+            # vocabulary-wide logits are not masked and copied a second time.
+            soft = distillation_terms(
+                student[keep], teacher, None, settings.temperature, hard=False
+            ).soft
+            terms = DistillationTerms(hard=loss, soft=soft, count=int(keep.sum()))
+            return combine_terms(terms, settings.alpha, reduction="sum"), stats
 
     DistillLossCompute.__name__ = DistillLossCompute.__qualname__ = "DistillLossCompute"
     return DistillLossCompute

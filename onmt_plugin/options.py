@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
+from compressor.quantization.grids import check_bits
+
 METHODS = ("uniform", "nonuniform", "differentiable")
 
 # Each option, with the shortest abbreviation argparse resolves to it beside OpenNMT-py 3.5.1's
@@ -26,7 +28,7 @@ OPTIONS = {
 CONFIG_OPTION = ("config", 4)  # OpenNMT's -config YAML (-con is also -context_gate)
 
 
-def add_options(parser) -> None:  # noqa: ANN001
+def add_options(parser) -> None:
     """Add the options to an OpenNMT (configargparse) parser; names avoid OpenNMT's own
     ``--bucket_size`` (data batching)."""
     group = parser.add_argument_group("Quantized distillation (qdistill)")
@@ -77,8 +79,13 @@ def add_options(parser) -> None:  # noqa: ANN001
         default=1.0,
         help="Softmax temperature of the distillation term (paper: 1 for translation).",
     )
-    group.add("--distill_alpha", "-distill_alpha", type=float, default=0.7,
-              help="Weight of the distillation term; 1 - alpha weighs the CE.")  # fmt: skip
+    group.add(
+        "--distill_alpha",
+        "-distill_alpha",
+        type=float,
+        default=0.7,
+        help="Weight of the distillation term; 1 - alpha weighs the CE.",
+    )
     group.add(
         "--distill_topk",
         "-distill_topk",
@@ -159,7 +166,7 @@ UNSUPPORTED = (
 )
 
 
-def _samples_subwords(opt, side: str) -> bool:  # noqa: ANN001
+def _samples_subwords(opt, side: str) -> bool:
     """Whether OpenNMT's subword transforms draw a different segmentation each epoch."""
     nbest = getattr(opt, f"{side}_subword_nbest", 1) or 1
     alpha = getattr(opt, f"{side}_subword_alpha", 0) or 0
@@ -179,7 +186,7 @@ class QuantDistillSettings:
     topk: int = 0
 
     @classmethod
-    def from_opt(cls, opt) -> QuantDistillSettings:  # noqa: ANN001
+    def from_opt(cls, opt) -> QuantDistillSettings:
         """Validate the options; raises ValueError with a one-line message."""
         for name, unsupported, label in UNSUPPORTED:
             if unsupported(getattr(opt, name, None)):
@@ -187,8 +194,7 @@ class QuantDistillSettings:
         teacher = getattr(opt, "teacher_model", None)
         if not teacher:
             raise ValueError("--quantized_distill needs --teacher_model PATH")
-        if not 1 <= opt.quant_bits <= 8:
-            raise ValueError(f"--quant_bits must be from 1 to 8, got {opt.quant_bits}")
+        check_bits(opt.quant_bits, "--quant_bits")
         if opt.quant_bucket_size <= 0:
             raise ValueError(f"--quant_bucket_size must be positive, got {opt.quant_bucket_size}")
         if not opt.distill_temperature > 0:
@@ -217,7 +223,7 @@ class QuantDistillSettings:
             topk=topk,
         )
 
-    def quant_config(self):  # noqa: ANN201
+    def quant_config(self):
         import compressor
 
         return compressor.QuantConfig(

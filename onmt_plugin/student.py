@@ -25,7 +25,7 @@ class DistillState:
     top_k_misses: int = 0  # batches the teacher ran on
 
 
-def load_teacher(settings: QuantDistillSettings, opt, vocabs, device_id, build, train_single):  # noqa: ANN001, ANN201
+def load_teacher(settings: QuantDistillSettings, opt, vocabs, device_id, build, train_single):
     """The teacher checkpoint, built with OpenNMT's own builder, frozen; its vocabularies
     must equal the student's."""
     from onmt.inputters.inputter import dict_to_vocabs, vocabs_to_dict
@@ -55,7 +55,7 @@ def load_teacher(settings: QuantDistillSettings, opt, vocabs, device_id, build, 
     return compressor.freeze_(teacher)
 
 
-def prepare_student(model, opt, vocabs, checkpoint, device_id, settings, build, train_single):  # noqa: ANN001, ANN201
+def prepare_student(model, opt, vocabs, checkpoint, device_id, settings, build, train_single):
     """Quantize the student in place (before any optimizer exists) and attach the teacher."""
     teacher = load_teacher(settings, opt, vocabs, device_id, build, train_single)
     compressor.quantize_(model, settings.quant_config())
@@ -74,8 +74,8 @@ def _quantize_once_per_forward(model: nn.Module) -> None:
     each run would quantize the cell's weights again: quantize each weight once per forward."""
     forward = model.forward
 
-    def cached_forward(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        with compressor.cached():
+    def cached_forward(*args, **kwargs):
+        with compressor.quantize_once():
             return forward(*args, **kwargs)
 
     model.forward = cached_forward

@@ -35,9 +35,21 @@ from compressor.format.packed import entropy_ans_available
 from recipes import small_runs as runs
 
 CONFIGURATIONS = (
-    "teacher", "student_fp32", "student_fp32_distilled", "pm_2", "pm_4", "pm_8",
-    "qd_2", "qd_4", "qd_8", "dq_2", "dq_4", "qkd_w4a4", "dq_2_points", "dq_4_points",
-)  # fmt: skip
+    "teacher",
+    "student_fp32",
+    "student_fp32_distilled",
+    "pm_2",
+    "pm_4",
+    "pm_8",
+    "qd_2",
+    "qd_4",
+    "qd_8",
+    "dq_2",
+    "dq_4",
+    "qkd_w4a4",
+    "dq_2_points",
+    "dq_4_points",
+)
 
 
 def _fp32_bytes(model: nn.Module, path: Path) -> int:
@@ -168,7 +180,7 @@ def _jobs(models: _Models) -> dict[str, tuple[str, int | None, Callable[[], nn.M
                     b,
                     u,
                     models.teacher_logits(),
-                )[0],  # fmt: skip
+                )[0],
             )
     jobs["qkd_w4a4"] = (
         "QKD W4A4",
@@ -192,8 +204,9 @@ def run(
     out, work = Path(out_dir), Path(work_dir)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    data = runs.load_cifar10(data_root or runs.data_root(), cfg.train_images, cfg.test_images,
-                             cfg.seed, cfg.device)  # fmt: skip
+    data = runs.load_cifar10(
+        data_root or runs.data_root(), cfg.train_images, cfg.test_images, cfg.seed, cfg.device
+    )
     jobs = _jobs(_Models(cfg, data, work))
     unknown = sorted(set(configurations) - set(jobs))
     if unknown:

@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from compressor.format.files import atomic_write_json
+from compressor.quantization.grids import check_bits
 from recipes.environment import environment
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -154,8 +155,12 @@ def _parameter_problem(key: str, value: object, default: object) -> str | None:
             isinstance(v, int) and not isinstance(v, bool) for v in value
         ):
             return "must be a list of integers, like [2, 4]"
-        if key in _BITS and not all(1 <= v <= 8 for v in value):
-            return "bit widths are from 1 to 8"
+        if key in _BITS:
+            try:
+                for v in value:
+                    check_bits(v, "bit widths")
+            except ValueError as exc:
+                return str(exc)
         if any(v < 1 for v in value):
             return "every entry must be 1 or more"
         return None

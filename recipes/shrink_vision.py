@@ -282,8 +282,12 @@ def shrink_vgg(
         raise ValueError(f"the checkpoint is not a {arch}: {str(exc).splitlines()[0]}") from None
     features, info = shrink_sequential(teacher.features, keep, select)
     teacher.features = features
-    summary = {"arch": arch, "conv_layers": [info["conv_layers"], keep], "kept": info["kept"],
-               "num_classes": num_classes}  # fmt: skip
+    summary = {
+        "arch": arch,
+        "conv_layers": [info["conv_layers"], keep],
+        "kept": info["kept"],
+        "num_classes": num_classes,
+    }
     return teacher, summary
 
 

@@ -138,7 +138,7 @@ def accuracy(model: nn.Module, data: dict) -> float:
     return 100.0 * correct / len(data["test_y"])
 
 
-def _optimizer(model: nn.Module, cfg: SmallRunConfig, steps: int):  # noqa: ANN202
+def _optimizer(model: nn.Module, cfg: SmallRunConfig, steps: int):
     opt = torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, momentum=0.9, nesterov=True
     )
@@ -150,7 +150,7 @@ def _logits(teacher: nn.Module, data: dict, table: torch.Tensor | None) -> torch
     return table if table is not None else teacher_logit_table(compressor.freeze_(teacher), data)
 
 
-def _train(model, teacher, data, cfg, steps, alpha, desc, table=None):  # noqa: ANN001, ANN202
+def _train(model, teacher, data, cfg, steps, alpha, desc, table=None):
     opt, sched = _optimizer(model, cfg, steps)
     table = None if teacher is None else _logits(teacher, data, table)
     return quantized_distillation(
@@ -282,8 +282,9 @@ def run_qkd(
 def run_all(cfg: SmallRunConfig, root: Path | None = None) -> dict[str, float]:
     """Every method once; returns test accuracy (%) by method name."""
     torch.manual_seed(cfg.seed)
-    data = load_cifar10(root or data_root(), cfg.train_images, cfg.test_images, cfg.seed,
-                        cfg.device)  # fmt: skip
+    data = load_cifar10(
+        root or data_root(), cfg.train_images, cfg.test_images, cfg.seed, cfg.device
+    )
     teacher = train_teacher(data, cfg)
     results = {"teacher fp32": accuracy(teacher, data)}
     table = teacher_logit_table(compressor.freeze_(teacher), data)

@@ -119,8 +119,11 @@ def prepare_data(corpus: Corpus, scale: TranslationScale, data_dir: Path) -> dic
     ``test_pairs`` test pairs (held out from the end of the training files if the corpus has no
     test split)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    files = {f"{split}.{side}": data_dir / f"{split}.{side}" for split in SPLITS
-             for side in ("src", "tgt")}  # fmt: skip
+    files = {
+        f"{split}.{side}": data_dir / f"{split}.{side}"
+        for split in SPLITS
+        for side in ("src", "tgt")
+    }
     if all(p.exists() for p in files.values()):
         return files
     lines = {}
@@ -333,10 +336,18 @@ def run(corpus: Corpus, scale: TranslationScale, work_dir: str | os.PathLike) ->
         # atomically afterwards, vocab.tgt (which marks the step done) last.
         partial = {side: work / f".vocab.partial.{side}" for side in ("src", "tgt")}
         vocab_config = work / "vocab.yaml"
-        atomic_write_text(vocab_config, yaml.safe_dump({
-            **config, "save_data": str(work / "vocab"), "overwrite": True,
-            "src_vocab": str(partial["src"]), "tgt_vocab": str(partial["tgt"]),
-        }))  # fmt: skip
+        atomic_write_text(
+            vocab_config,
+            yaml.safe_dump(
+                {
+                    **config,
+                    "save_data": str(work / "vocab"),
+                    "overwrite": True,
+                    "src_vocab": str(partial["src"]),
+                    "tgt_vocab": str(partial["tgt"]),
+                }
+            ),
+        )
         _run(
             [BIN / "onmt_build_vocab", "-config", vocab_config, "-n_sample", "-1"],
             work / "vocab.log",
@@ -358,9 +369,17 @@ def run(corpus: Corpus, scale: TranslationScale, work_dir: str | os.PathLike) ->
     student_init = work / "student_init.pt"
     if not student_init.exists():
         _qdistill(
-            "shrink", "onmt", "--checkpoint", teacher, "-o", student_init,
-            "--enc-layers", scale.student_layers, "--dec-layers", scale.student_layers,
-        )  # fmt: skip
+            "shrink",
+            "onmt",
+            "--checkpoint",
+            teacher,
+            "-o",
+            student_init,
+            "--enc-layers",
+            scale.student_layers,
+            "--dec-layers",
+            scale.student_layers,
+        )
 
     models: dict[str, Path] = {"teacher": teacher}
     entropy_coded: dict[str, Path] = {}
@@ -368,8 +387,9 @@ def run(corpus: Corpus, scale: TranslationScale, work_dir: str | os.PathLike) ->
     from_teacher = ["-train_from", str(student_init), "-reset_optim", "all"]
     if scale.fp32_student:
         print(f"[5/{steps}] student_fp32: labels only, {scale.student_steps} steps", flush=True)
-        ckpt = train(student_config, work, "student_fp32", scale.student_steps, scale.threads,
-                     from_teacher)  # fmt: skip
+        ckpt = train(
+            student_config, work, "student_fp32", scale.student_steps, scale.threads, from_teacher
+        )
         models["student_fp32"] = strip_optimizer(ckpt, work / "student_fp32.pt")
     students = [(f"student_qd{b}", b, "uniform") for b in scale.bits]
     students += [(f"student_dq{b}", b, "differentiable") for b in scale.dq_bits]
@@ -383,11 +403,23 @@ def run(corpus: Corpus, scale: TranslationScale, work_dir: str | os.PathLike) ->
             flush=True,
         )
         distill = [
-            "-quantized_distill", "-teacher_model", str(teacher), "-quant_bits", str(bits),
-            "-quant_method", method, "-quant_bucket_size", str(scale.bucket_size),
-            "-distill_alpha", str(scale.distill_alpha), "-distill_topk", str(top_k),
-            "-distill_temperature", str(scale.distill_temperature), *from_teacher,
-        ]  # fmt: skip
+            "-quantized_distill",
+            "-teacher_model",
+            str(teacher),
+            "-quant_bits",
+            str(bits),
+            "-quant_method",
+            method,
+            "-quant_bucket_size",
+            str(scale.bucket_size),
+            "-distill_alpha",
+            str(scale.distill_alpha),
+            "-distill_topk",
+            str(top_k),
+            "-distill_temperature",
+            str(scale.distill_temperature),
+            *from_teacher,
+        ]
         ckpt = train(student_config, work, name, scale.student_steps, scale.threads, distill)
         models[name] = _pack(ckpt, work / f"{name}.qd", entropy_coded)
 
@@ -402,12 +434,23 @@ def run(corpus: Corpus, scale: TranslationScale, work_dir: str | os.PathLike) ->
     result_json = work / "eval.json"
     if not result_json.exists():
         _qdistill(
-            "onmt-eval", *(f"{name}={path}" for name, path in models.items()),
-            "--src", files["test.src"], "--ref", files["test.tgt"],
-            "--src-subword-model", work / "spm.src.model",
-            "--tgt-subword-model", work / "spm.tgt.model",
-            "--baseline", "teacher", "--teacher", "teacher", "--json", result_json,
-        )  # fmt: skip
+            "onmt-eval",
+            *(f"{name}={path}" for name, path in models.items()),
+            "--src",
+            files["test.src"],
+            "--ref",
+            files["test.tgt"],
+            "--src-subword-model",
+            work / "spm.src.model",
+            "--tgt-subword-model",
+            work / "spm.tgt.model",
+            "--baseline",
+            "teacher",
+            "--teacher",
+            "teacher",
+            "--json",
+            result_json,
+        )
     rows = json.loads(result_json.read_text())
     for row in rows:  # the same weights with their codes entropy-coded, where it could be done
         if row["name"] in entropy_coded:
@@ -447,8 +490,13 @@ def write_report(result: dict, work: Path) -> None:
             row["name"], "^" if "pm" in row["name"] else "o"
         )
         ax.scatter(row["bytes"], row["bleu"], marker=marker, s=50)
-        ax.annotate(row["name"], (row["bytes"], row["bleu"]), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)  # fmt: skip
+        ax.annotate(
+            row["name"],
+            (row["bytes"], row["bleu"]),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=8,
+        )
     ax.set_xscale("log")
     ax.set_xlabel("file size (bytes, log scale)")
     ax.set_ylabel("BLEU (sacrebleu)")

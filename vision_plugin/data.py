@@ -66,7 +66,7 @@ def detect_dataset(root: Path) -> str:
 class ArrayDataset(Dataset):
     """In-memory uint8 NHWC images with labels, and a transform applied to PIL images."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform) -> None:  # noqa: ANN001
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform) -> None:
         self.images, self.labels, self.transform = images, labels, transform
 
     def __len__(self) -> int:
@@ -115,7 +115,7 @@ def _load_cifar_batches(folder: Path, train: bool) -> tuple[np.ndarray, np.ndarr
     return np.asarray(ds.data), labels
 
 
-def _subset(images: np.ndarray, labels: np.ndarray, limit: int | None, seed: int):  # noqa: ANN202
+def _subset(images: np.ndarray, labels: np.ndarray, limit: int | None, seed: int):
     """A fixed random subset (the npz files are sorted by class)."""
     if limit is None or limit >= len(labels):
         return images, labels
@@ -123,7 +123,7 @@ def _subset(images: np.ndarray, labels: np.ndarray, limit: int | None, seed: int
     return images[chosen], labels[chosen]
 
 
-def transforms_for(dataset: str, args) -> tuple:  # noqa: ANN001
+def transforms_for(dataset: str, args) -> tuple:
     """Training and evaluation transforms, as the classification references build them."""
     from torchvision import transforms as T
     from torchvision.transforms import InterpolationMode
@@ -162,7 +162,7 @@ def transforms_for(dataset: str, args) -> tuple:  # noqa: ANN001
     return train, val
 
 
-def load_data(args) -> tuple[Dataset, Dataset, int]:  # noqa: ANN001
+def load_data(args) -> tuple[Dataset, Dataset, int]:
     """Training and validation sets and the number of classes, from ``args.data_path``."""
     root = Path(args.data_path) if args.data_path else default_data_path()
     if not root.exists():

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compressor.format.files import is_text_file
+
 
 class ModelError(ValueError):
     """An unknown architecture, or weights that do not fit it (reported as one line)."""
@@ -70,21 +72,13 @@ def is_tensor_file(path: Path) -> bool:
     return path.suffix in (".qd", ".safetensors") or head[8:9] == b"{"
 
 
-def _is_text(path: Path) -> bool:
-    with path.open("rb") as f:
-        head = f.read(512)
-    if not head or head.startswith((b"PK", b"\x80")) or b"\0" in head:
-        return False
-    return all(byte >= 32 or byte in b"\t\n\r\f" for byte in head)
-
-
 def _check_file(path: Path, what: str) -> None:
     if not path.exists():
         raise ModelError(f"{what} {path} does not exist")
     if path.is_dir():
         raise ModelError(f"{what} {path} is a folder; give the checkpoint file inside it")
     try:
-        text = _is_text(path)
+        text = is_text_file(path)
     except OSError as exc:
         raise ModelError(f"{what} {path}: cannot be read ({exc.strerror})") from None
     if text:

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 import compressor
+from compressor.cli import UsageError
 from compressor.format.files import (
     WRITTEN_BY,
     CheckpointError,
@@ -32,7 +33,8 @@ from compressor.format.files import (
     atomic_write_text,
     same_file,
 )
-from compressor.training.distillation import distillation_loss
+from compressor.quantization.grids import check_bits
+from compressor.training.step import DistillConfig, distill_step
 from vision_plugin.data import DataError, interpolation_modes, load_data
 from vision_plugin.models import (
     ModelError,
@@ -65,10 +67,6 @@ RECORDED = (
     "qkd_co_epochs",
     "qkd_tutor_epochs",
 )
-
-
-class UsageError(ValueError):
-    """A bad combination of options (reported as one line)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,14 +117,14 @@ class SeededAugmentation(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):  # noqa: ANN204
+    def __getitem__(self, index: int):
         with torch.random.fork_rng(devices=[]):
             seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
             torch.manual_seed(seed % 2**63)
             return self.dataset[index]
 
 
-def make_loaders(args: argparse.Namespace, train_set, val_set):  # noqa: ANN001, ANN201
+def make_loaders(args: argparse.Namespace, train_set, val_set):
     train_sampler = torch.utils.data.distributed.DistributedSampler(
         train_set, num_replicas=args.world_size, rank=args.rank, shuffle=True, seed=args.seed
     )
@@ -165,59 +163,45 @@ def phase_of(epoch: int, args: argparse.Namespace) -> str | None:
     return PHASES[1] if epoch < phases[0] + phases[1] else PHASES[2]
 
 
-def train_one_epoch(model, teacher, train_loader, optimizer, teacher_optimizer, epoch, args):  # noqa: ANN001, ANN201
-    model.train()
+def train_one_epoch(model, teacher, train_loader, optimizer, teacher_optimizer, epoch, args):
+    """One epoch through the core's training step: quantized distillation from a frozen
+    teacher, labels alone (no teacher, or QKD's self-studying), or QKD's co-studying."""
     phase = phase_of(epoch, args)
     teacher_learns = phase == "co-studying"
-    if teacher is not None:
-        teacher.train(teacher_learns)
+    source = None if teacher is None or phase == "self-studying" else teacher
+    if teacher is not None and not teacher_learns:
+        teacher.eval()
+    config = DistillConfig(
+        args.distill_temperature, args.distill_alpha, label_smoothing=args.label_smoothing
+    )
     totals = [0.0, 0.0]
     progress = tqdm(
         train_loader, desc=f"epoch {epoch}", disable=not is_main(args) or args.quiet, leave=False
     )
     for step, (images, target) in enumerate(progress):
         images, target = images.to(args.device), target.to(args.device)
-        optimizer.zero_grad(set_to_none=True)
-        with compressor.cached():
-            logits = model(images)
-            if teacher is None or phase == "self-studying":
-                loss = nn.functional.cross_entropy(
-                    logits, target, label_smoothing=args.label_smoothing
-                )
-            else:
-                with torch.set_grad_enabled(teacher_learns):
-                    teacher_logits = teacher(images)
-                loss = distillation_loss(
-                    logits,
-                    teacher_logits.detach(),
-                    target,
-                    args.distill_temperature,
-                    args.distill_alpha,
-                )
-            loss.backward()
-        if not torch.isfinite(loss.detach()):
-            raise UsageError(f"the loss became {float(loss)} at epoch {epoch}; lower --lr")
-        optimizer.step()
-        if teacher_learns:
-            teacher_optimizer.zero_grad(set_to_none=True)
-            distillation_loss(
-                teacher_logits,
-                logits.detach(),
+        try:
+            result = distill_step(
+                model,
+                source,
+                images,
                 target,
-                args.distill_temperature,
-                args.distill_alpha,
-            ).backward()
-            teacher_optimizer.step()
-        totals[0] += float(loss.detach()) * len(target)
+                optimizer,
+                config,
+                teacher_optimizer=teacher_optimizer if teacher_learns else None,
+            )
+        except FloatingPointError as exc:
+            raise UsageError(f"{exc} at epoch {epoch}; lower --lr") from None
+        totals[0] += result["loss"] * len(target)
         totals[1] += len(target)
         if step % args.print_freq == 0:
-            progress.set_postfix(loss=f"{float(loss.detach()):.4f}")
+            progress.set_postfix(loss=f"{result['loss']:.4f}")
     loss_sum, count = reduce_sum(totals, args)
     return loss_sum / max(count, 1)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, args: argparse.Namespace) -> dict[str, float]:  # noqa: ANN001
+def evaluate(model: nn.Module, loader, args: argparse.Namespace) -> dict[str, float]:
     model.eval()
     correct1 = correct5 = seen = 0.0
     for images, target in tqdm(
@@ -340,7 +324,7 @@ def check_args(args: argparse.Namespace) -> None:
         "--lr": args.lr,
         "--momentum": args.momentum,
         "--weight-decay": args.weight_decay,
-        "--points-lr": args.points_lr,
+        "--quant-points-lr": args.points_lr,
     }
     for flag, value in non_negative.items():
         if not value >= 0:  # also NaN
@@ -369,10 +353,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--device {args.device!r} is not a device; use cpu or cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: no CUDA GPU is available; use --device cpu")
-    if not 1 <= args.quant_bits <= 8:
-        raise UsageError(f"--quant-bits must be from 1 to 8, got {args.quant_bits}")
-    if args.act_bits is not None and not 1 <= args.act_bits <= 8:
-        raise UsageError(f"--act-bits must be from 1 to 8, got {args.act_bits}")
+    try:
+        check_bits(args.quant_bits, "--quant-bits")
+        if args.act_bits is not None:
+            check_bits(args.act_bits, "--quant-act-bits")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if args.quant_bucket_size is not None and args.quant_bucket_size <= 0:
         raise UsageError(f"--quant-bucket-size must be positive, got {args.quant_bucket_size}")
     if not args.distill_temperature > 0:
@@ -522,8 +508,9 @@ def load_for_evaluation(args: argparse.Namespace, num_classes: int) -> nn.Module
             )
         model = build_model(recorded.model, num_classes, recorded.cifar_stem, recorded.dropout)
         quantize_student_(model, recorded)
-        load_weights_(model, state_of(checkpoint, path, "--resume"), f"--resume {path}",
-                      recorded.model)  # fmt: skip
+        load_weights_(
+            model, state_of(checkpoint, path, "--resume"), f"--resume {path}", recorded.model
+        )
         if is_main(args):
             print(f"{path}: epoch {checkpoint['epoch']}, {describe(recorded)}", flush=True)
         return model
@@ -606,8 +593,9 @@ def main(args: argparse.Namespace) -> dict:
     # tensor: at the weights' learning rate the points run into one end of [0, 1] and merge.
     points = compressor.point_parameters(student)
     learned = {id(p) for p in points}
-    params = [{"params": [p for p in model.parameters()
-                          if p.requires_grad and id(p) not in learned]}]  # fmt: skip
+    params = [
+        {"params": [p for p in model.parameters() if p.requires_grad and id(p) not in learned]}
+    ]
     if points:
         params.append({"params": points, "lr": args.points_lr, "weight_decay": 0.0})
     if args.opt == "sgd":
@@ -669,6 +657,9 @@ def main(args: argparse.Namespace) -> dict:
                 "rng": torch.get_rng_state(),
                 WRITTEN_BY: WRITER,
             }
+            record = compressor.quantization_record(getattr(student, "module", student))
+            if record:  # how each weight is quantized, as OpenNMT checkpoints carry it too
+                checkpoint["qdistill"] = record.to_dict()
             if teacher is not None and args.qkd_co_epochs:
                 checkpoint["teacher"] = getattr(teacher, "module", teacher).state_dict()
             atomic_save(checkpoint, output / f"model_{epoch}.pth")
@@ -783,13 +774,28 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--quant-method", default="uniform", choices=("uniform", "nonuniform", "differentiable")
     )
     parser.add_argument(
+        "--quant-points-lr",
         "--points-lr",
+        dest="points_lr",
         default=1e-5,
         type=float,
         help="learning rate of the learned points of --quant-method differentiable",
     )
-    parser.add_argument("--keep-first-last", action="store_true")
-    parser.add_argument("--act-bits", default=None, type=int)
+    parser.add_argument(
+        "--quant-keep-first-last",
+        "--keep-first-last",
+        dest="keep_first_last",
+        action="store_true",
+        help="leave the first and the last layer in full precision",
+    )
+    parser.add_argument(
+        "--quant-act-bits",
+        "--act-bits",
+        dest="act_bits",
+        default=None,
+        type=int,
+        help="bits of the learned activation quantizers (QKD, with the --qkd-* epochs)",
+    )
     parser.add_argument("--qkd-self-epochs", default=0, type=int)
     parser.add_argument("--qkd-co-epochs", default=0, type=int)
     parser.add_argument("--qkd-tutor-epochs", default=0, type=int)

@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, entry_points, version
 from compressor.format.files import CheckpointError, OutputError
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     """A mistake in the user's input: reported as one line, without a traceback."""
 
 

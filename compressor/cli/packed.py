@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
 from compressor.cli import UsageError
-from compressor.format.files import WRITTEN_BY, check_output
+from compressor.cli.flags import add_quantization_flags, quant_config
+from compressor.format.files import WRITTEN_BY, check_output, is_text_file
+from compressor.quantization.record import QuantRecord
+from compressor.surgery.config import QuantConfig
+from compressor.surgery.quantize import quantized_state_from_training
 
 UNPACKED_BY = "qdistill unpack"
 
@@ -22,20 +25,6 @@ def _existing_file(path: str) -> Path:
     if not p.is_file():
         raise UsageError(f"no such file: {path}")
     return p
-
-
-def _looks_like_text(path: Path) -> bool:
-    """Whether a file that ``torch.load`` refused starts as no file that ``torch.save``
-    writes does (a zip archive, or a pickle for the legacy format) but as text."""
-    with open(path, "rb") as handle:
-        head = handle.read(512)
-    if not head or head.startswith((b"PK\x03\x04", b"\x80")):
-        return False
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as exc:  # a multi-byte character cut at the end is still text
-        return exc.start >= len(head) - 3
-    return True
 
 
 CHECKPOINT_FORMATS = "qdistill.checkpoint_formats"
@@ -70,7 +59,7 @@ def load_checkpoint_state(path: str | os.PathLike) -> tuple[dict, dict, dict]:
     if is_packed(path):
         raise UsageError(f"{path} is already a packed file (qdistill unpack turns it back)")
     text = (
-        f"{path}: a text file, not a checkpoint; give the .pt file that torch.save wrote "
+        f"{path} is a text file, not a checkpoint; give the .pt file that torch.save wrote "
         "(a state dict, or a dict with a 'model' key) or a .safetensors file"
     )
     if path.suffix == ".safetensors":
@@ -79,7 +68,7 @@ def load_checkpoint_state(path: str | os.PathLike) -> tuple[dict, dict, dict]:
         try:
             return load_file(str(path)), {}, {}
         except Exception as exc:
-            if path.is_file() and _looks_like_text(path):
+            if path.is_file() and is_text_file(path):
                 raise UsageError(text) from None
             raise UsageError(f"{path}: not a readable safetensors file ({exc})") from None
     from compressor.format.files import CheckpointError, load_checkpoint
@@ -87,8 +76,6 @@ def load_checkpoint_state(path: str | os.PathLike) -> tuple[dict, dict, dict]:
     try:
         checkpoint = load_checkpoint(path)
     except CheckpointError as exc:
-        if path.is_file() and _looks_like_text(path):
-            raise UsageError(text) from None
         raise UsageError(str(exc)) from None
     if not isinstance(checkpoint, Mapping):
         raise UsageError(f"{path}: expected a state dict or a dict with a 'model' key")
@@ -112,63 +99,26 @@ def load_checkpoint_state(path: str | os.PathLike) -> tuple[dict, dict, dict]:
 def pack_checkpoint(
     state: Mapping,
     output: str | os.PathLike,
-    bits: int = 4,
-    bucket_size: int | None = 256,
-    method: str = "uniform",
-    include: str | None = None,
-    exclude: str | None = None,
+    config: QuantConfig | None = None,
     entropy: str | None = None,
-    recorded_specs: Mapping[str, dict | object] | None = None,
+    record: QuantRecord | None = None,
     metadata: Mapping | None = None,
     shadow: Mapping | None = None,
 ) -> int:
-    """Quantize and pack a state dict: every floating-point tensor of two or more dimensions
-    whose name matches ``include`` (and not ``exclude``), unless ``recorded_specs``
-    (``{name: QuantSpec or its dict}``) already say how each tensor was quantized: then those
-    tensors must hold quantized values and are stored exactly (verified bit for bit); the
-    ``shadow`` weights of a training checkpoint give the codes of learned (differentiable)
-    grids. Returns the size of the written file in bytes."""
-    from compressor.format.packed import _storage_key, write_packed
-    from compressor.quantization.grids import quantile_points
-    from compressor.quantization.record import QuantSpec
+    """Pack a state dict; returns the size of the written file in bytes.
 
-    tensors, specs = {}, {}
-    if recorded_specs:
-        specs = {
-            name: spec if isinstance(spec, QuantSpec) else QuantSpec.from_dict(spec)
-            for name, spec in recorded_specs.items()
-        }
-        tensors = dict(state)
-    else:
-        first_of_storage: dict[tuple, str] = {}
-        for name, value in state.items():
-            if value.numel():
-                key = _storage_key(value)
-                if key in first_of_storage:  # tied: quantized once, and stored once
-                    tensors[name] = tensors[first_of_storage[key]]
-                    continue
-                first_of_storage[key] = name
-            chosen = (
-                value.is_floating_point()
-                and value.dim() >= 2
-                and (include is None or re.search(include, name))
-                and not (exclude and re.search(exclude, name))
-            )
-            if not chosen:
-                tensors[name] = value
-                continue
-            if method == "uniform":
-                spec = QuantSpec("uniform", bits, bucket_size)
-            else:
-                spec = QuantSpec.nonuniform(
-                    quantile_points(value, 2**bits, bucket_size), bucket_size
-                )
-            specs[name] = spec
-            tensors[name] = spec.quantize(value)
-        if not specs:
-            raise UsageError("no tensor selected for quantization (check --include/--exclude)")
+    With a ``record`` (how a training run or ``onmt-quantize`` quantized the checkpoint) the
+    tensors it names must hold quantized values and are stored exactly (verified bit for bit);
+    the ``shadow`` weights or the record's codes give the codes of learned grids. Without one,
+    the tensors ``config`` selects are quantized first, by the rule ``quantize_`` uses
+    (:func:`compressor.quantize_state_dict`)."""
+    from compressor.format.packed import write_packed
+    from compressor.surgery.quantize import quantize_state_dict
+
+    if not record:
+        state, record = quantize_state_dict(state, config or QuantConfig())
     return write_packed(
-        tensors, output, metadata=metadata, specs=specs, entropy=entropy, shadow=shadow
+        state, output, metadata, dict(record.specs), entropy, shadow, codes=dict(record.codes)
     )
 
 
@@ -230,32 +180,27 @@ def _pack(args: argparse.Namespace) -> int:
     from compressor.format.packed import is_packed
 
     source = _existing_file(args.checkpoint)
-    if not 1 <= args.bits <= 8:
-        raise UsageError(f"--bits must be from 1 to 8, got {args.bits}")
-    if args.bucket_size is not None and args.bucket_size <= 0:
-        raise UsageError(f"--bucket-size must be positive, got {args.bucket_size}")
-    for option, pattern in (("--include", args.include), ("--exclude", args.exclude)):
-        if pattern is not None:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise UsageError(f"{option}: {pattern!r} is not a valid regex ({exc})") from None
+    config = quant_config(args)
     check_output(args.output, [source], force=args.force, ours=is_packed, what="qdistill pack")
     state, recorded, metadata = load_checkpoint_state(source)
+    record = None
+    if recorded.get("specs") and not args.requantize:
+        try:
+            record = QuantRecord.from_dict(recorded)
+            if any(".parametrizations." in key for key in state):  # a training checkpoint
+                state = quantized_state_from_training(state, record)
+        except (ValueError, KeyError) as exc:
+            raise UsageError(f"{source}: {exc} (or pass --requantize)") from None
     entropy = None if args.entropy == "none" else args.entropy
     try:
         size = pack_checkpoint(
             state,
             args.output,
-            bits=args.bits,
-            bucket_size=args.bucket_size,
-            method=args.method,
-            include=args.include,
-            exclude=args.exclude,
+            config,
             entropy=entropy,
-            recorded_specs=None if args.requantize else recorded.get("specs"),
+            record=record,
             metadata={"source": source.name, **metadata},
-            shadow=None if args.requantize else recorded.get("shadow"),
+            shadow=None if record is None else recorded.get("shadow"),
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -341,11 +286,7 @@ def register_pack(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--bucket-size", type=int, default=256)
-    p.add_argument("--method", choices=("uniform", "nonuniform"), default="uniform")
-    p.add_argument("--include", help="regex over tensor names to quantize (default: all ≥2-D)")
-    p.add_argument("--exclude", help="regex over tensor names to keep in full precision")
+    add_quantization_flags(p)
     p.add_argument("--entropy", choices=("none", "huffman", "ans"), default="none")
     p.add_argument(
         "--requantize",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from compressor.quantization.grids import check_bits
+
 
 class BitPackError(ValueError):
     """Packed data whose length does not match the number of codes it should hold."""
@@ -19,14 +21,9 @@ def packed_nbytes(count: int, bits: int) -> int:
     return (count * bits + 7) // 8
 
 
-def _check_bits(bits: int) -> None:
-    if not 1 <= bits <= 8:
-        raise ValueError(f"bits must be from 1 to 8, got {bits}")
-
-
 def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
     """``codes`` (each below ``2**bits``) as a dense stream of ``bits``-bit fields (uint8)."""
-    _check_bits(bits)
+    check_bits(int(bits))
     codes = np.ascontiguousarray(codes, dtype=np.uint8).ravel()
     count = codes.size
     if bits == 8:
@@ -51,7 +48,7 @@ def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
 
 def unpack_bits(data: np.ndarray, bits: int, count: int) -> np.ndarray:
     """Inverse of :func:`pack_bits`; refuses data of the wrong length before allocating."""
-    _check_bits(bits)
+    check_bits(int(bits))
     data = np.ascontiguousarray(data, dtype=np.uint8).ravel()
     if count < 0 or data.size != packed_nbytes(count, bits):
         raise BitPackError(

@@ -315,7 +315,7 @@ def _ans_probabilities(counts: np.ndarray) -> np.ndarray:
     return (counts / counts.sum()).astype(np.float32)
 
 
-def _ans_model(counts: np.ndarray):  # noqa: ANN202
+def _ans_model(counts: np.ndarray):
     import constriction
 
     return constriction.stream.model.Categorical(_ans_probabilities(counts), perfect=False)

@@ -241,7 +241,10 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
         head = handle.read(512)
     if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip, or a legacy pickle
         if _looks_like_text(head):
-            raise CheckpointError(f"{path} is a text file, not a PyTorch checkpoint")
+            raise CheckpointError(
+                f"{path} is a text file, not a checkpoint (not a PyTorch checkpoint that "
+                "torch.save wrote)"
+            )
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (torch.save did not write it)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -253,11 +256,21 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
 
 
 def _looks_like_text(head: bytes) -> bool:
+    if not head or head.startswith((b"PK\x03\x04", b"\x80")):
+        return False
     try:
         text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return all(c.isprintable() or c in "\n\r\t" for c in text)
+    except UnicodeDecodeError as exc:  # a multi-byte character cut at the end is still text
+        if exc.start < len(head) - 3:
+            return False
+        text = head[: exc.start].decode("utf-8")
+    return all(c.isprintable() or c in "\n\r\t\f" for c in text)
+
+
+def is_text_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` starts as text does (a file given where a checkpoint belongs)."""
+    with open(path, "rb") as handle:
+        return _looks_like_text(handle.read(512))
 
 
 def _why(exc: Exception) -> str:

@@ -19,7 +19,8 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,9 @@ VERSION = 2
 ENTROPY_CODERS = (None, "huffman", "ans")
 _SEP = "::"
 _MAX_DIM = 2**40
+# Header field holding a state dict's ``_metadata`` (module versions that load_state_dict reads).
+_MODULE_VERSIONS = "module_versions"
+_SCALARS = (str, int, float, bool, type(None))
 
 _DTYPES = {
     "float32": torch.float32,
@@ -103,7 +107,7 @@ def _checksum(header: Mapping[str, str], payload: Mapping[str, np.ndarray]) -> s
     return digest.hexdigest()
 
 
-def _encode_checked(name: str, value: torch.Tensor, spec: QuantSpec, given) -> BucketCodes:  # noqa: ANN001
+def _encode_checked(name: str, value: torch.Tensor, spec: QuantSpec, given) -> BucketCodes:
     """Codes for ``value``, verified to decode to exactly its bits."""
     if not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name}: the tensor holds NaN or infinite values (did training diverge?)")
@@ -212,8 +216,53 @@ def write_packed(
         "coders": _json(coders),
         "user": user,
     }
+    header.update(_module_versions_field(state_dict))
     header["checksum"] = _checksum(header, payload)
     return _write_atomic(path, payload, header)
+
+
+def _checked_versions(pairs: Iterable[tuple[object, object]]) -> dict[str, dict]:
+    """``{module name: {key: JSON scalar}}``, as ``state_dict._metadata`` holds them."""
+    out = {}
+    for name, entry in pairs:
+        if not (
+            isinstance(name, str)
+            and isinstance(entry, Mapping)
+            and all(isinstance(k, str) and isinstance(v, _SCALARS) for k, v in entry.items())
+        ):
+            raise ValueError("module versions must map module names to {key: JSON scalar}")
+        out[name] = dict(entry)
+    return out
+
+
+def _module_versions_field(state_dict: object) -> dict[str, str]:
+    """The header field keeping ``state_dict._metadata``, the module versions that some
+    modules' ``load_state_dict`` reads (torchvision's MNASNet, ViT): ``[[entry, [module
+    names]], ...]``, one group per distinct entry. Empty if the state dict has none."""
+    versions = getattr(state_dict, "_metadata", None)
+    if versions is None:
+        return {}
+    groups: dict[str, list[str]] = {}
+    for name, entry in _checked_versions(versions.items()).items():
+        groups.setdefault(_json(entry), []).append(name)
+    return {_MODULE_VERSIONS: _json([[json.loads(e), names] for e, names in groups.items()])}
+
+
+def _with_module_versions(state: dict[str, torch.Tensor], field: str | None) -> OrderedDict:
+    """The loaded state as ``model.state_dict()`` gives it: an OrderedDict with the stored
+    ``_metadata`` (checked: a damaged field raises PackedFormatError)."""
+    out = OrderedDict(state)
+    if field is not None:
+        try:
+            groups = json.loads(field)
+            if not isinstance(groups, list) or not all(
+                isinstance(g, list) and len(g) == 2 and isinstance(g[1], list) for g in groups
+            ):
+                raise ValueError("not a list of [entry, [module names]]")
+            out._metadata = _checked_versions((n, entry) for entry, names in groups for n in names)
+        except (ValueError, RecursionError) as exc:
+            raise PackedFormatError(f"damaged module versions ({exc})") from None
+    return out
 
 
 def entropy_ans_available() -> bool:
@@ -688,7 +737,7 @@ def _load(payload: Mapping, header: Mapping) -> tuple[dict, dict]:
     return {name: state[name] for name in entries}, user
 
 
-def _guarded(path: object, work):  # noqa: ANN001, ANN202
+def _guarded(path: object, work):
     """Run ``work``; any error a malformed file can cause becomes a PackedFormatError."""
     try:
         return work()
@@ -703,12 +752,14 @@ def _guarded(path: object, work):  # noqa: ANN001, ANN202
 
 def load_packed(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a packed file: the state dict (quantized tensors decoded exactly to the values the
-    model was evaluated with; tied tensors shared again) and the user metadata.
+    model was evaluated with; tied tensors shared again; an OrderedDict with the ``_metadata``
+    module versions of the state dict it was written from) and the user metadata.
 
     Raises :class:`PackedFormatError` (saying what is wrong) for any file that is not a
     valid packed file, and ``FileNotFoundError`` for a missing one."""
     payload, header = _read(path)
-    return _guarded(path, lambda: _load(payload, header))
+    state, user = _guarded(path, lambda: _load(payload, header))
+    return _guarded(path, lambda: _with_module_versions(state, header.get(_MODULE_VERSIONS))), user
 
 
 def is_packed(path: str | os.PathLike) -> bool:

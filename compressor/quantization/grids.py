@@ -23,6 +23,7 @@ import torch
 
 __all__ = [
     "MAX_BITS",
+    "check_bits",
     "ROUNDINGS",
     "BucketCodes",
     "quantize_tensor",
@@ -50,9 +51,13 @@ class BucketCodes(NamedTuple):
     scale: torch.Tensor  # fp32, one per bucket
 
 
-def _check_bits(bits: int) -> None:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
-        raise ValueError(f"bits must be an integer from 1 to {MAX_BITS}, got {bits!r}")
+def check_bits(bits: object, name: str = "bits", minimum: int = 1) -> None:
+    """The one bits check: ``bits`` is an integer from ``minimum`` to :data:`MAX_BITS`;
+    raises ``ValueError`` naming the setting (``name``) otherwise."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not minimum <= bits <= MAX_BITS:
+        raise ValueError(
+            f"{name} must be from {minimum} to {MAX_BITS} (a whole number), got {bits!r}"
+        )
 
 
 def _check_bucket_size(bucket_size: int | None) -> None:
@@ -187,7 +192,7 @@ def quantize_tensor(
     ``2**bits`` evenly spaced levels between its minimum and maximum. ``rounding="stochastic"``
     rounds up with probability equal to the fractional part, so it is unbiased.
     """
-    _check_bits(bits)
+    check_bits(bits)
     _check_bucket_size(bucket_size)
     _check_rounding(rounding)
     _check_float(x)
@@ -215,7 +220,7 @@ def encode_uniform(
     generator: torch.Generator | None = None,
 ) -> BucketCodes:
     """The codes and per-bucket offset/scale that :func:`quantize_tensor` decodes from."""
-    _check_bits(bits)
+    check_bits(bits)
     _check_bucket_size(bucket_size)
     _check_rounding(rounding)
     _check_float(x)

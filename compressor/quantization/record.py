@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 import torch
 
 from compressor.quantization.grids import (
-    MAX_BITS,
     BucketCodes,
+    check_bits,
     decode_nonuniform,
     decode_uniform,
     encode_nonuniform,
@@ -42,8 +42,7 @@ class QuantSpec:
     def __post_init__(self) -> None:
         if self.method not in SPEC_METHODS:
             raise ValueError(f"method must be one of {SPEC_METHODS}, got {self.method!r}")
-        if not 1 <= self.bits <= MAX_BITS:
-            raise ValueError(f"bits must be from 1 to {MAX_BITS}, got {self.bits!r}")
+        check_bits(self.bits)
         if self.bucket_size is not None and self.bucket_size <= 0:
             raise ValueError(f"bucket_size must be positive or None, got {self.bucket_size!r}")
         if self.method == "nonuniform":
@@ -159,7 +158,7 @@ class QuantRecord:
         dicts that checkpoints written before the record carried. Raises ``ValueError``."""
         if not isinstance(data, Mapping):
             raise ValueError(f"a quantization record is a dict, got {type(data).__name__}")
-        version = data.get("version", 1 if "format" in data else None)
+        version = data.get("version", 1)  # records written before the version field
         if version != RECORD_VERSION:
             raise ValueError(
                 f"quantization record version {version!r} is not supported (this qdistill "

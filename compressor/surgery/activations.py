@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compressor.quantization.grids import check_bits
 from compressor.surgery.quantizers import LsqActivationQuantizer
 
 
@@ -32,8 +33,7 @@ def insert_activation_quantizers(
     """Quantize the input of each given layer with an :class:`LsqActivationQuantizer`
     (a submodule ``input_quantizer`` and a forward pre-hook). Embeddings (integer inputs) and
     recurrent layers (sequence objects) are left alone. Returns the names of the layers."""
-    if isinstance(act_bits, bool) or not isinstance(act_bits, int) or not 1 <= act_bits <= 8:
-        raise ValueError(f"act_bits must be an integer from 1 to 8, got {act_bits!r}")
+    check_bits(act_bits, "act_bits")
     done = []
     for name, module in quantized_modules:
         if isinstance(module, nn.Embedding | nn.RNNBase | nn.RNNCellBase):

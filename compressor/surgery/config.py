@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from compressor.quantization.grids import MAX_BITS, ROUNDINGS
+from compressor.quantization.grids import MAX_BITS, ROUNDINGS, check_bits
 
 METHODS = ("uniform", "nonuniform", "differentiable", "lsq")
 POINT_INITS = ("quantile", "uniform")
@@ -15,11 +15,6 @@ POINT_INITS = ("quantile", "uniform")
 
 def _frozen_mapping(value: Mapping | None) -> Mapping:
     return MappingProxyType(dict(value or {}))
-
-
-def _check_bits_value(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BITS:
-        raise ValueError(f"{name} must be an integer from 1 to {MAX_BITS}, got {value!r}")
 
 
 def _check_regexes(name: str, patterns: tuple[str, ...]) -> None:
@@ -66,7 +61,7 @@ class QuantConfig:
     act_bits: int | None = None
 
     def __post_init__(self) -> None:
-        _check_bits_value("bits", self.bits)
+        check_bits(self.bits, "bits")
         if self.bucket_size is not None and (
             isinstance(self.bucket_size, bool)
             or not isinstance(self.bucket_size, int)
@@ -86,7 +81,7 @@ class QuantConfig:
         if self.point_init not in POINT_INITS:
             raise ValueError(f"point_init must be one of {POINT_INITS}, got {self.point_init!r}")
         if self.act_bits is not None:
-            _check_bits_value("act_bits", self.act_bits)
+            check_bits(self.act_bits, "act_bits")
         if isinstance(self.include, str) or isinstance(self.exclude, str):
             raise ValueError("include and exclude take a tuple of regexes, not a single string")
         object.__setattr__(self, "include", None if self.include is None else tuple(self.include))
@@ -95,7 +90,7 @@ class QuantConfig:
         _check_regexes("exclude", self.exclude)
         _check_regexes("bits_overrides", tuple(self.bits_overrides))
         for pattern, bits in self.bits_overrides.items():
-            _check_bits_value(f"bits_overrides[{pattern!r}]", bits)
+            check_bits(bits, f"bits_overrides[{pattern!r}]")
         for name, count in self.num_points.items():
             if (
                 isinstance(count, bool)

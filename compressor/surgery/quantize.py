@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 
@@ -104,13 +105,47 @@ def _plain_key(key: str) -> str | None:
 
 
 @torch.no_grad()
+def quantized_state_from_training(
+    state: Mapping[str, torch.Tensor], record: QuantRecord
+) -> dict[str, torch.Tensor]:
+    """A training checkpoint's state dict (parametrized names, shadow weights) as the plain,
+    quantized state dict its model computes with: each recorded tensor decoded from its
+    codes when the record keeps them (learned grids), else quantized from its shadow weight
+    on its recorded grid (exact: the quantizers compute the same)."""
+    plain = {}
+    for key, value in state.items():
+        name = _plain_key(key)
+        if name is not None:
+            plain[name] = value
+    for name, spec in record.specs.items():
+        if name not in plain:
+            raise KeyError(f"the state dict has no weight {name!r}, which the record names")
+        shadow = plain[name]
+        codes = record.codes.get(name)
+        plain[name] = (
+            spec.decode(codes, shadow.shape, shadow.dtype)
+            if codes is not None
+            else spec.quantize(shadow)
+        )
+    return plain
+
+
+@torch.no_grad()
 def shadow_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict under plain names with the full-precision shadow weights (for resuming)."""
-    out = {}
-    for key, value in model.state_dict().items():
+    """The state dict under plain names with the full-precision shadow weights (for resuming);
+    an OrderedDict with the ``_metadata`` module versions of the plain model, as
+    ``model.state_dict()`` gives them (some modules' ``load_state_dict`` needs them)."""
+    state = model.state_dict()
+    out = OrderedDict()
+    for key, value in state.items():
         plain = _plain_key(key)
         if plain is not None:
             out[plain] = value
+    versions = getattr(state, "_metadata", None)
+    if versions is not None:  # the quantizers' own modules are no part of the plain model
+        out._metadata = type(versions)(
+            (k, v) for k, v in versions.items() if ".parametrizations." not in f".{k}."
+        )
     return out
 
 
@@ -220,7 +255,10 @@ def quantize_state_dict(
             "takes method='uniform' or 'nonuniform'"
         )
     candidates = model_candidates(model) if model is not None else state_candidates(state)
-    out, specs = dict(state), {}
+    out, specs = OrderedDict(state), {}
+    if hasattr(state, "_metadata"):  # module versions, which load_state_dict may need
+        out._metadata = state._metadata
+    done: dict[tuple, str] = {}  # tied tensors (one storage) are quantized once and stay tied
     for module_name, tensor_names in select(candidates, config):
         bits = config.bits_for(module_name)
         for tensor_name in tensor_names:
@@ -228,15 +266,25 @@ def quantize_state_dict(
             if name not in state:
                 raise KeyError(f"the state dict has no {name!r}, which the model quantizes")
             value = state[name]
+            storage = (value.untyped_storage().data_ptr(), value.storage_offset(), value.shape)
+            if value.numel() and storage in done:
+                specs[name], out[name] = specs[done[storage]], out[done[storage]]
+                continue
+            done[storage] = name
             count = config.num_points.get(name, 2**bits)
-            quantizer = make_weight_quantizer(config.method, value, bits, config.bucket_size,
-                                              "nearest", count, config.point_init)  # fmt: skip
+            quantizer = make_weight_quantizer(
+                config.method, value, bits, config.bucket_size, "nearest", count, config.point_init
+            )
             specs[name] = quantizer.spec
             out[name] = specs[name].quantize(value)
     return out, QuantRecord(specs)
 
 
-def cached() -> AbstractContextManager:
+def quantize_once() -> AbstractContextManager:
     """Quantize each weight once per forward pass, for modules that read their weights several
-    times (nn.LSTM): ``with compressor.cached(): loss = model(x) ...``."""
+    times (nn.LSTM): ``with compressor.quantize_once(): loss = model(x) ...``."""
     return parametrize.cached()
+
+
+cached = quantize_once
+"""The earlier name of :func:`quantize_once`."""

@@ -18,6 +18,7 @@ from compressor.quantization.grids import (
     _nearest_point,
     _scaled,
     bucket_view,
+    check_bits,
     quantile_points,
     quantize_tensor,
     round_points,
@@ -32,11 +33,11 @@ class _StraightThrough(torch.autograd.Function):
     ``w + (q - w).detach()`` which leaves values an ulp off."""
 
     @staticmethod
-    def forward(ctx, weight, quantize):  # noqa: ANN001
+    def forward(ctx, weight, quantize):
         return quantize(weight)
 
     @staticmethod
-    def backward(ctx, grad_output):  # noqa: ANN001
+    def backward(ctx, grad_output):
         return grad_output, None
 
 
@@ -111,7 +112,7 @@ class NonUniformQuantizer(WeightQuantizer):
 
 class _LearnedPoints(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, points, bucket_size):  # noqa: ANN001
+    def forward(ctx, weight, points, bucket_size):
         stored, order = torch.sort(points.detach().clamp(0.0, 1.0))
         stored = round_points(stored)
         lo, scale, unit = _scaled(bucket_view(weight.detach(), bucket_size))
@@ -124,7 +125,7 @@ class _LearnedPoints(torch.autograd.Function):
         return values.reshape(-1)[:numel].view(weight.shape).to(weight.dtype)
 
     @staticmethod
-    def backward(ctx, grad_output):  # noqa: ANN001
+    def backward(ctx, grad_output):
         codes, scale, order = ctx.saved_tensors
         grad_rows = torch.zeros(codes.shape, dtype=torch.float32, device=grad_output.device)
         grad_rows.view(-1)[: ctx.numel] = grad_output.reshape(-1).float()
@@ -161,8 +162,7 @@ class LsqActivationQuantizer(nn.Module):
 
     def __init__(self, bits: int):
         super().__init__()
-        if not 1 <= bits <= 8:
-            raise ValueError(f"act_bits must be an integer from 1 to 8, got {bits!r}")
+        check_bits(bits, "act_bits")
         self.bits = bits
         self.step = nn.Parameter(torch.ones(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
@@ -191,8 +191,7 @@ class LsqWeightQuantizer(WeightQuantizer):
 
     def __init__(self, weight: torch.Tensor, bits: int):
         super().__init__()
-        if not 2 <= bits <= 8:
-            raise ValueError(f"method='lsq' needs bits from 2 to 8, got {bits!r}")
+        check_bits(bits, "bits of method='lsq'", minimum=2)
         self.bits = bits
         self.bucket_size = None
         qn, qp = lsq_levels(bits, signed=True)

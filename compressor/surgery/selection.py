@@ -53,8 +53,16 @@ def _attention(module: nn.Module) -> list[str]:
     return ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
 
 
-for _type in (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
-              nn.ConvTranspose2d, nn.ConvTranspose3d):  # fmt: skip
+for _type in (
+    nn.Linear,
+    nn.Embedding,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+):
     register_weights(_type, _weight)
 for _type in (nn.LSTM, nn.GRU, nn.RNN):
     register_weights(_type, _recurrent)
@@ -98,10 +106,10 @@ def select(candidates: Candidates, config: QuantConfig) -> Candidates:
             "nothing to quantize: no quantizable layer (Linear, Conv, Embedding, attention, "
             "recurrent; in a state dict, a floating-point weight of two or more dimensions)"
         )
-    names = [n for n, _ in candidates]
+    names = [n or "<top level>" for n, _ in candidates]
     if config.include is not None:
         for pattern in config.include:
-            if not any(re.search(pattern, n) for n in names):
+            if not any(re.search(pattern, n) for n, _ in candidates):
                 more = " ..." if len(names) > 12 else ""
                 raise ValueError(
                     f"include: regex {pattern!r} matches no quantizable module; "

@@ -45,15 +45,19 @@ class TopKLogits(NamedTuple):
 
 
 def _top_k_kl(
-    log_p_student: torch.Tensor, teacher: torch.Tensor, indices: torch.Tensor,
-    log_normalizer: torch.Tensor | None, temperature: float,
-) -> torch.Tensor:  # fmt: skip
+    log_p_student: torch.Tensor,
+    teacher: torch.Tensor,
+    indices: torch.Tensor,
+    log_normalizer: torch.Tensor | None,
+    temperature: float,
+) -> torch.Tensor:
     """Summed KL(teacher || student) over a top-k teacher's classes (plus the merged rest)."""
     log_q = log_p_student.gather(-1, indices)
     if log_normalizer is None or indices.shape[-1] == log_p_student.shape[-1]:
         # Renormalised over the k classes (exact when they are all the classes).
-        return F.kl_div(log_q, F.log_softmax(teacher / temperature, dim=-1), log_target=True,
-                        reduction="sum")  # fmt: skip
+        return F.kl_div(
+            log_q, F.log_softmax(teacher / temperature, dim=-1), log_target=True, reduction="sum"
+        )
     log_p = teacher / temperature - log_normalizer[:, None]
     # The rest of each side's mass, kept away from 0 so that 0 * log 0 stays 0; from the k
     # classes alone, so the vocabulary-wide work is the student's log-softmax only.

@@ -39,7 +39,7 @@ def save_packed(
     return write_packed(model_or_state_dict, path, metadata, specs, entropy, shadow)
 
 
-def finish_(
+def pack_and_materialize_(
     student: nn.Module,
     packed_path: str | os.PathLike | None = None,
     entropy: str | None = None,
@@ -52,3 +52,7 @@ def finish_(
     if packed_path is not None:
         save_packed(student, packed_path, metadata=metadata, entropy=entropy)
     return materialize_(student)
+
+
+finish_ = pack_and_materialize_
+"""The earlier name of :func:`pack_and_materialize_`."""

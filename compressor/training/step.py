@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor.surgery.quantize import cached
+from compressor.surgery.quantize import quantize_once
 from compressor.training.distillation import (
     TopKLogits,
     check_distillation_settings,
@@ -97,7 +97,7 @@ def distill_step(
     if co_studying:
         teacher.train()
         teacher_optimizer.zero_grad(set_to_none=True)
-    with cached():  # quantize each weight once per step, however often the model reads it
+    with quantize_once():  # quantize each weight once per step, however often the model reads it
         student_logits = forward(student, inputs)
         teacher_logits = None
         if isinstance(teacher, nn.Module):
@@ -106,6 +106,8 @@ def distill_step(
         elif teacher is not None:
             teacher_logits = teacher
         loss, soft = _student_loss(student_logits, teacher_logits, target, config, loss_fn)
+        if not torch.isfinite(loss.detach()):  # before the update spoils the weights
+            raise FloatingPointError(f"the loss became {loss.item()} (diverged)")
         loss.backward()
     optimizer.step()
     record = {"loss": loss.item(), "distillation": soft}
@@ -134,8 +136,9 @@ def _student_loss(
         if teacher_logits is None:
             return loss, float("nan")
         with torch.no_grad():  # a custom loss does not expose its terms
-            terms = distillation_terms(logits, teacher_logits, target, config.temperature,
-                                       config.ignore_index, hard=False)  # fmt: skip
+            terms = distillation_terms(
+                logits, teacher_logits, target, config.temperature, config.ignore_index, hard=False
+            )
         return loss, float(terms.soft) / max(terms.count, 1)
     if teacher_logits is None:
         loss = nn.functional.cross_entropy(
@@ -146,9 +149,13 @@ def _student_loss(
         )
         return loss, float("nan")
     terms = distillation_terms(
-        logits, teacher_logits, target, config.temperature, config.ignore_index,
+        logits,
+        teacher_logits,
+        target,
+        config.temperature,
+        config.ignore_index,
         label_smoothing=config.label_smoothing,
-    )  # fmt: skip
+    )
     return combine_terms(terms, config.alpha), float(terms.soft.detach()) / max(terms.count, 1)
 
 

@@ -87,7 +87,7 @@ def test_parametrized_forward_equals_manual_quantization(kind, method):
         for name in weights:
             getattr(reference, name).copy_(specs[name].quantize(getattr(reference, name)))
     x = make_input()
-    with compressor.cached():
+    with compressor.quantize_once():
         assert torch.equal(_output(module, x), _output(reference, x))
 
     # A few optimiser steps move the full-precision shadow weights, and reads stay on the grid.
@@ -95,7 +95,7 @@ def test_parametrized_forward_equals_manual_quantization(kind, method):
     optimizer = torch.optim.SGD(module.parameters(), lr=0.5)
     for _ in range(3):
         optimizer.zero_grad()
-        with compressor.cached():
+        with compressor.quantize_once():
             _output(module, x).float().pow(2).mean().backward()
         optimizer.step()
     for name, before in shadows.items():
@@ -225,13 +225,13 @@ def test_size_report_counts_bits_and_buckets():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"bits": 0}, "bits must be an integer from 1 to 8"),
-        ({"bits": 9}, "bits must be an integer from 1 to 8"),
+        ({"bits": 0}, "bits must be from 1 to 8"),
+        ({"bits": 9}, "bits must be from 1 to 8"),
         ({"bucket_size": 0}, "bucket_size must be a positive integer"),
         ({"bucket_size": -5}, "bucket_size must be a positive integer"),
         ({"method": "kmeans"}, "method must be one of .*uniform.*nonuniform.*differentiable"),
         ({"rounding": "up"}, "rounding must be one of .*nearest.*stochastic"),
-        ({"act_bits": 12}, "act_bits must be an integer from 1 to 8"),
+        ({"act_bits": 12}, "act_bits must be from 1 to 8"),
         ({"point_init": "random"}, "point_init must be one of"),
         ({"include": ("[",)}, "include"),
         ({"bits_overrides": {"fc": 0}}, r"bits_overrides\['fc'\]"),

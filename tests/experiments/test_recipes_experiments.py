@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import QDISTILL
 
 from compressor import load_packed
 from recipes.experiments import RecipeError, list_recipes, load_recipe, run_recipe
-
-QDISTILL = Path(sys.executable).parent / "qdistill"
 
 
 def _qdistill(*args: str) -> subprocess.CompletedProcess:
@@ -35,9 +32,21 @@ def test_cifar10_smoke_writes_every_configuration_and_resumes(cifar10_dir, tmp_p
     result = run_recipe(recipe, "cpu", tmp_path, smoke=True, data_root=cifar10_dir.parent)
     rows = {r["name"]: r for r in result["rows"]}
     assert set(rows) == {
-        "teacher", "student_fp32", "student_fp32_distilled", "pm_2", "pm_4", "pm_8",
-        "qd_2", "qd_4", "qd_8", "dq_2", "dq_4", "qkd_w4a4", "dq_2_points", "dq_4_points",
-    }  # fmt: skip
+        "teacher",
+        "student_fp32",
+        "student_fp32_distilled",
+        "pm_2",
+        "pm_4",
+        "pm_8",
+        "qd_2",
+        "qd_4",
+        "qd_8",
+        "dq_2",
+        "dq_4",
+        "qkd_w4a4",
+        "dq_2_points",
+        "dq_4_points",
+    }
     assert rows["teacher"]["packed_bytes"] is None
     for name in ("pm_2", "qd_4", "dq_2", "qkd_w4a4"):
         assert 0 < rows[name]["packed_bytes"] < rows[name]["fp32_bytes"], name
@@ -69,8 +78,9 @@ def test_translation_recipe_smoke(name, data, tmp_path):
     from conftest import data_path
 
     root = data_path(data).parent
-    done = _qdistill("recipe", "run", name, "--smoke", "--output-dir", str(tmp_path),
-                     "--data-path", str(root))  # fmt: skip
+    done = _qdistill(
+        "recipe", "run", name, "--smoke", "--output-dir", str(tmp_path), "--data-path", str(root)
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
     rows = {r["name"]: r for r in result["rows"]}
@@ -90,8 +100,9 @@ def test_translation_recipe_smoke(name, data, tmp_path):
     assert (tmp_path / "work" / "report.md").exists()
     assert (tmp_path / "work" / "bleu_vs_size.png").stat().st_size > 1000
     # Everything is there: a second run only reads it back.
-    again = _qdistill("recipe", "run", name, "--smoke", "--output-dir", str(tmp_path),
-                      "--data-path", str(root))  # fmt: skip
+    again = _qdistill(
+        "recipe", "run", name, "--smoke", "--output-dir", str(tmp_path), "--data-path", str(root)
+    )
     assert again.returncode == 0 and "Step " not in again.stdout
 
 
@@ -104,8 +115,16 @@ def test_recipe_errors(tmp_path):
         load_recipe(bad)
     with pytest.raises(RecipeError, match="has no scale 'huge'"):
         load_recipe("cifar10").parameters("huge")
-    done = _qdistill("recipe", "run", "cifar10", "--smoke", "--output-dir", str(tmp_path),
-                     "--data-path", str(tmp_path))  # fmt: skip
+    done = _qdistill(
+        "recipe",
+        "run",
+        "cifar10",
+        "--smoke",
+        "--output-dir",
+        str(tmp_path),
+        "--data-path",
+        str(tmp_path),
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "data folder" in done.stderr and "not found" in done.stderr
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import BIN
 
-BIN = Path(sys.executable).parent
 STOCK_TRANSLATE = (
     "import argparse, torch; torch.serialization.add_safe_globals([argparse.Namespace]); "
     "from onmt.bin.translate import main; main()"
@@ -28,7 +28,7 @@ def _env(plugin: bool = True) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "QDISTILL_ONMT_PLUGIN": "1" if plugin else "0"}
 
 
-def _run(args, cwd, plugin=True, check=True):  # noqa: ANN001, ANN202
+def _run(args, cwd, plugin=True, check=True):
     done = subprocess.run(
         args, cwd=cwd, capture_output=True, text=True, env=_env(plugin), timeout=600
     )
@@ -97,17 +97,34 @@ def _load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _distil(corpus: Path, name: str, *extra: str, config: Path | None = None):  # noqa: ANN202
-    args = [BIN / "onmt_train", "-config", config or _config(corpus), "-save_model", name,
-            "-quantized_distill", "-teacher_model", "teacher_step_10.pt", *extra]  # fmt: skip
+def _distil(corpus: Path, name: str, *extra: str, config: Path | None = None):
+    args = [
+        BIN / "onmt_train",
+        "-config",
+        config or _config(corpus),
+        "-save_model",
+        name,
+        "-quantized_distill",
+        "-teacher_model",
+        "teacher_step_10.pt",
+        *extra,
+    ]
     return _run(args, corpus)
 
 
 def test_options_appear_in_stock_onmt_train_help(corpus):
     shown = _run([BIN / "onmt_train", "-h"], corpus).stdout
-    for option in ("--quantized_distill", "--teacher_model", "--quant_bits", "--quant_bucket_size",
-                   "--quant_method", "--quant_rounding", "--quant_keep_first_last",
-                   "--distill_temperature", "--distill_alpha"):  # fmt: skip
+    for option in (
+        "--quantized_distill",
+        "--teacher_model",
+        "--quant_bits",
+        "--quant_bucket_size",
+        "--quant_method",
+        "--quant_rounding",
+        "--quant_keep_first_last",
+        "--distill_temperature",
+        "--distill_alpha",
+    ):
         assert option in shown, option
     hidden = _run([BIN / "onmt_train", "-h"], corpus, plugin=False).stdout
     assert "--quantized_distill" not in hidden
@@ -138,15 +155,27 @@ def test_lstm_student_checkpoint_is_quantized_and_stock_translate_runs_it(corpus
 def test_top_k_teacher_cache_serves_later_epochs(corpus):
     # 400 pairs in batches of 16 sentences: 25 batches an epoch, so 60 steps see each example
     # two or three times; from the second epoch on, the teacher's top-k comes from the cache.
-    done = _distil(corpus, "topk", "-quant_bits", "4", "-distill_topk", "5",
-                   "-train_steps", "60", "-save_checkpoint_steps", "60")  # fmt: skip
+    done = _distil(
+        corpus,
+        "topk",
+        "-quant_bits",
+        "4",
+        "-distill_topk",
+        "5",
+        "-train_steps",
+        "60",
+        "-save_checkpoint_steps",
+        "60",
+    )
     line = re.search(r"teacher top-5 cache holds (\d+) examples; (\d+)% of batches", done.stderr)
     assert line, done.stderr[-2000:]
     examples, served = int(line.group(1)), int(line.group(2))
     assert 300 <= examples <= 400 and 30 <= served <= 70, line.group(0)
     checkpoint = _load(corpus / "topk_step_60.pt")
-    assert checkpoint["qdistill"]["specs"] and torch.isfinite(checkpoint["model"][
-        "decoder.rnn.layers.0.weight_ih"]).all()  # fmt: skip
+    assert (
+        checkpoint["qdistill"]["specs"]
+        and torch.isfinite(checkpoint["model"]["decoder.rnn.layers.0.weight_ih"]).all()
+    )
 
 
 def test_resume_restores_the_shadow_weights(corpus):
@@ -164,9 +193,14 @@ def test_resume_restores_the_shadow_weights(corpus):
 def transformer(corpus) -> Path:
     """A 4-bit transformer student with a tied generator, distilled from the LSTM teacher."""
     config = _config(
-        corpus, encoder_type="transformer", decoder_type="transformer", heads=2,
-        transformer_ff=64, position_encoding=True, share_decoder_embeddings=True,
-    )  # fmt: skip
+        corpus,
+        encoder_type="transformer",
+        decoder_type="transformer",
+        heads=2,
+        transformer_ff=64,
+        position_encoding=True,
+        share_decoder_embeddings=True,
+    )
     _distil(corpus, "transformer", "-quant_bits", "4", "-quant_method", "nonuniform", config=config)
     return corpus / "transformer_step_10.pt"
 
@@ -181,8 +215,9 @@ def test_transformer_student_with_tied_generator_and_packing(corpus, transformer
         state["generator.weight"], state["decoder.embeddings.make_embedding.emb_luts.0.weight"]
     )
     # `qdistill pack` keeps the recorded grids bit for bit, with the vocabulary and options.
-    done = _run([BIN / "qdistill", "pack", "transformer_step_10.pt", "-o", tmp_path / "t.qd"],
-                corpus)  # fmt: skip
+    done = _run(
+        [BIN / "qdistill", "pack", "transformer_step_10.pt", "-o", tmp_path / "t.qd"], corpus
+    )
     assert "smaller than transformer_step_10.pt" in done.stdout
     from compressor import load_packed
 
@@ -198,12 +233,26 @@ def test_transformer_student_with_tied_generator_and_packing(corpus, transformer
     # onmt_translate (plugin on) takes the packed file as a model and translates identically;
     # `qdistill unpack` gives back a checkpoint that the stock tool loads with the plugin off.
     base = ["-src", "src-val.txt", "-max_length", "8", "-seed", "1"]
-    _run([BIN / "onmt_translate", "-model", "transformer_step_10.pt", *base, "-output", "pt.txt"],
-         corpus)  # fmt: skip
+    _run(
+        [BIN / "onmt_translate", "-model", "transformer_step_10.pt", *base, "-output", "pt.txt"],
+        corpus,
+    )
     _run([BIN / "onmt_translate", "-model", tmp_path / "t.qd", *base, "-output", "qd.txt"], corpus)
     _run([BIN / "qdistill", "unpack", tmp_path / "t.qd", "-o", tmp_path / "u.pt"], corpus)
-    _run([sys.executable, "-c", STOCK_TRANSLATE, "-model", tmp_path / "u.pt", *base,
-          "-output", "unpacked.txt"], corpus, plugin=False)  # fmt: skip
+    _run(
+        [
+            sys.executable,
+            "-c",
+            STOCK_TRANSLATE,
+            "-model",
+            tmp_path / "u.pt",
+            *base,
+            "-output",
+            "unpacked.txt",
+        ],
+        corpus,
+        plugin=False,
+    )
     reference = (corpus / "pt.txt").read_text()
     assert len(reference.splitlines()) == 30
     assert (corpus / "qd.txt").read_text() == reference == (corpus / "unpacked.txt").read_text()
@@ -220,9 +269,24 @@ def test_ctranslate2_export_scores_like_onmt_translate(corpus, transformer, tmp_
     assert exported == (tmp_path / "from_qd" / "model.bin").read_bytes()
     # Teacher-forced log-likelihood of the references: CTranslate2 against onmt_translate's
     # GOLD SCORE (the mean over sentences of each sentence's total log-probability).
-    gold = _run([BIN / "onmt_translate", "-model", transformer, "-src", "src-val.txt",
-                 "-tgt", "tgt-val.txt", "-beam_size", "1", "-max_length", "8",
-                 "-output", tmp_path / "gold.txt"], corpus)  # fmt: skip
+    gold = _run(
+        [
+            BIN / "onmt_translate",
+            "-model",
+            transformer,
+            "-src",
+            "src-val.txt",
+            "-tgt",
+            "tgt-val.txt",
+            "-beam_size",
+            "1",
+            "-max_length",
+            "8",
+            "-output",
+            tmp_path / "gold.txt",
+        ],
+        corpus,
+    )
     onmt_score = float(re.search(r"GOLD SCORE: (-?[\d.]+)", gold.stderr).group(1))
     sources = [line.split() for line in (corpus / "src-val.txt").read_text().splitlines()]
     targets = [line.split() for line in (corpus / "tgt-val.txt").read_text().splitlines()]
@@ -252,16 +316,32 @@ def test_ctranslate2_export_errors_are_one_line(corpus, transformer, tmp_path):
 
 
 def test_differentiable_mode_learns_points_that_pack_exactly(corpus, tmp_path):
-    _distil(corpus, "points", "-quant_bits", "2", "-quant_method", "differentiable",
-            "-learning_rate", "0.05")  # fmt: skip
+    _distil(
+        corpus,
+        "points",
+        "-quant_bits",
+        "2",
+        "-quant_method",
+        "differentiable",
+        "-learning_rate",
+        "0.05",
+    )
     record = _load(corpus / "points_step_10.pt")["qdistill"]
     learned = [s["points"] for s in record["specs"].values()]
     assert learned and all(s["method"] == "nonuniform" for s in record["specs"].values())
     assert all(p == sorted(p) and p[0] >= 0 and p[-1] <= 1 for p in learned)
     # The same run with a zero learning rate keeps the initial points (the same seed builds
     # the same student): training moved them.
-    _distil(corpus, "still", "-quant_bits", "2", "-quant_method", "differentiable",
-            "-learning_rate", "0")  # fmt: skip
+    _distil(
+        corpus,
+        "still",
+        "-quant_bits",
+        "2",
+        "-quant_method",
+        "differentiable",
+        "-learning_rate",
+        "0",
+    )
     still = _load(corpus / "still_step_10.pt")["qdistill"]["specs"]
     initial = [s["points"] for s in still.values()]
     assert len(initial) == len(learned) and initial != learned
@@ -278,8 +358,23 @@ def test_post_training_quantization_of_a_teacher(corpus):
     quantized = _load(corpus / "pm.pt")
     weight = quantized["model"]["encoder.rnn.weight_ih_l0"]
     assert all(b.unique().numel() <= 4 for b in weight.reshape(-1).split(256))
-    _run([sys.executable, "-c", STOCK_TRANSLATE, "-model", "pm.pt", "-src", "src-val.txt",
-          "-output", "pm.txt", "-max_length", "5"], corpus, plugin=False)  # fmt: skip
+    _run(
+        [
+            sys.executable,
+            "-c",
+            STOCK_TRANSLATE,
+            "-model",
+            "pm.pt",
+            "-src",
+            "src-val.txt",
+            "-output",
+            "pm.txt",
+            "-max_length",
+            "5",
+        ],
+        corpus,
+        plugin=False,
+    )
     assert len((corpus / "pm.txt").read_text().splitlines()) == 30
 
 
@@ -295,8 +390,17 @@ def test_post_training_quantization_of_a_teacher(corpus):
     ],
 )
 def test_start_up_errors_are_one_line(corpus, extra, message):
-    args = [BIN / "onmt_train", "-config", _config(corpus), "-save_model", "bad",
-            "-quantized_distill", "-teacher_model", "teacher_step_10.pt", *extra]  # fmt: skip
+    args = [
+        BIN / "onmt_train",
+        "-config",
+        _config(corpus),
+        "-save_model",
+        "bad",
+        "-quantized_distill",
+        "-teacher_model",
+        "teacher_step_10.pt",
+        *extra,
+    ]
     done = _run(args, corpus, check=False)
     assert done.returncode == 2, done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("qdistill: error")]

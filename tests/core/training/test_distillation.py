@@ -77,8 +77,9 @@ def test_top_k_teacher_renormalised_or_with_the_rest_merged(t, alpha):
     kl = (p_top * (p_top / q_top).log()).sum() + (p_rest * (p_rest / q_rest).log()).sum()
     assert got.item() == pytest.approx(((1 - alpha) * ce + alpha * t * t * kl).item(), rel=1e-5)
     merged_every = compressor.TopKLogits.of(teacher, 9, temperature=t)
-    exact = distillation_loss(student.requires_grad_(), merged_every, target, t, alpha,
-                              reduction="sum")  # fmt: skip
+    exact = distillation_loss(
+        student.requires_grad_(), merged_every, target, t, alpha, reduction="sum"
+    )
     exact.backward()
     assert exact.item() == pytest.approx(full.item(), rel=1e-5)
     assert torch.isfinite(student.grad).all()

@@ -24,12 +24,12 @@ from compressor.format.files import WRITTEN_BY
 from compressor.format.packed import is_packed, load_packed, packed_info
 
 
-def _qdistill(*args, cwd):  # noqa: ANN001, ANN002, ANN202
+def _qdistill(*args, cwd):
     exe = Path(sys.executable).with_name("qdistill")
     return subprocess.run([exe, *map(str, args)], capture_output=True, text=True, cwd=cwd)
 
 
-def _main(args, folder, monkeypatch, capsys):  # noqa: ANN001, ANN202
+def _main(args, folder, monkeypatch, capsys):
     """``qdistill ARGS`` in this process: (exit status, the lines it wrote to stderr)."""
     from compressor.cli import main
 
@@ -38,7 +38,7 @@ def _main(args, folder, monkeypatch, capsys):  # noqa: ANN001, ANN202
     return code, capsys.readouterr().err.strip().splitlines()
 
 
-def _one_line_error(done, message: str) -> None:  # noqa: ANN001
+def _one_line_error(done, message: str) -> None:
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2, done.stderr
     assert len(lines) == 1 and message in lines[0], done.stderr
@@ -172,7 +172,7 @@ def test_unpack_marks_a_plugin_checkpoint_at_its_top_level(folder, monkeypatch, 
     that cannot rebuild the checkpoint is a one-line error."""
     import compressor.cli.packed as packed_cli
 
-    def to_checkpoint(state, metadata):  # noqa: ANN001, ANN202
+    def to_checkpoint(state, metadata):
         if "broken" in metadata:
             raise ValueError("the packed file holds no options")
         return {"model": dict(state), "epoch": 3}
@@ -220,10 +220,10 @@ def test_a_text_file_given_as_a_checkpoint_says_so(folder, monkeypatch, capsys):
         (folder / name).write_text(text)
         code, err = _main(["pack", name, "-o", "x.qd"], folder, monkeypatch, capsys)
         assert code == 2 and len(err) == 1, err
-        assert f"{name}: a text file, not a checkpoint" in err[0] and "weights_only" not in err[0]
+        assert f"{name} is a text file, not a checkpoint" in err[0] and "weights_only" not in err[0]
     (folder / "notes.safetensors").write_text("not a tensor file\n")
     done = _qdistill("pack", "notes.safetensors", "-o", "x.qd", cwd=folder)
-    _one_line_error(done, "notes.safetensors: a text file, not a checkpoint")
+    _one_line_error(done, "notes.safetensors is a text file, not a checkpoint")
     code, err = _main(["pack", "teacher.qd", "-o", "x.qd"], folder, monkeypatch, capsys)
     assert code == 2 and "already a packed file" in err[0], err
     assert not (folder / "x.qd").exists()
@@ -242,10 +242,10 @@ def test_unpack_writes_tied_tensors_to_safetensors(tmp_path, monkeypatch, capsys
     """safetensors refuses tensors that share memory; a tied model's copy is written twice."""
     model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 10))
     model[1].weight = model[0].weight
-    state = {**model.state_dict(), "empty.a": torch.zeros(0, 3), "empty.b": torch.zeros(0, 3)}
+    state = {**model.state_dict(), "e1.weight": torch.zeros(0, 3), "e2.weight": torch.zeros(0, 3)}
     pack_checkpoint(state, tmp_path / "tied.qd")
     rows = {r.name: r.coding for r in packed_info(tmp_path / "tied.qd")}
-    assert rows["1.weight"] == "tied to 0.weight" and rows["empty.b"] == "bitpack"
+    assert rows["1.weight"] == "tied to 0.weight" and rows["e2.weight"] == "bitpack"
     for out in ("t.safetensors", "t.pt"):
         assert _main(["unpack", "tied.qd", "-o", out], tmp_path, monkeypatch, capsys)[0] == 0
     loaded = load_file(tmp_path / "t.safetensors")

@@ -11,13 +11,12 @@ import pytest
 import torch
 import torchvision
 import yaml
+from conftest import BIN
 from torch import nn
 
 from compressor.format.files import load_checkpoint
 from recipes.shrink_onmt import shrink_onmt_checkpoint, shrink_onmt_file
 from recipes.shrink_vision import shrink_resnet, shrink_sequential, shrink_vgg, vgg_student
-
-BIN = Path(sys.executable).parent
 
 
 def test_resnet34_to_2222_is_resnet18_and_copies_selected_blocks():
@@ -82,8 +81,11 @@ def test_vgg_student_from_the_teachers_conv_layers_reloads_and_runs(tmp_path):
     path, out = tmp_path / "vgg.pth", tmp_path / "student.pth"
     torch.save({"model": teacher.state_dict()}, path)
     cmd = [BIN / "qdistill", "shrink", "vision", "--arch", "vgg11_bn", "--checkpoint", path]
-    done = subprocess.run([*cmd, "--layers", "6", "--select", "0,1,2,4,6,7", "-o", out],
-                          capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [*cmd, "--layers", "6", "--select", "0,1,2,4,6,7", "-o", out],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     checkpoint = torch.load(out, weights_only=True)
     rebuilt = vgg_student("vgg11_bn", checkpoint["args"]["kept"], num_classes=10)
@@ -154,7 +156,7 @@ STOCK_TRANSLATE = (
 STOCK_TRAIN = STOCK_TRANSLATE.replace("translate", "train")
 
 
-def _run(args, cwd):  # noqa: ANN001, ANN202
+def _run(args, cwd):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "QDISTILL_ONMT_PLUGIN": "0"}
     done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
     if done.returncode != 0:
@@ -172,16 +174,26 @@ def _config(folder: Path, kind: str) -> Path:
             "heads": 2,
             "transformer_ff": 32,
             "position_encoding": True,
-        }  # fmt: skip
+        }
     )
     config = {
-        "src_vocab": "vocab.src", "tgt_vocab": "vocab.tgt",
-        "src_vocab_size": 300, "tgt_vocab_size": 300,
+        "src_vocab": "vocab.src",
+        "tgt_vocab": "vocab.tgt",
+        "src_vocab_size": 300,
+        "tgt_vocab_size": 300,
         "data": {"corpus_1": {"path_src": "src-train.txt", "path_tgt": "tgt-train.txt"}},
-        "layers": 2, "hidden_size": 16, "word_vec_size": 16,
-        "batch_size": 16, "batch_type": "sents", "save_checkpoint_steps": 6,
-        "train_steps": 6, "report_every": 3, "seed": 1, "num_workers": 0, **model,
-    }  # fmt: skip
+        "layers": 2,
+        "hidden_size": 16,
+        "word_vec_size": 16,
+        "batch_size": 16,
+        "batch_type": "sents",
+        "save_checkpoint_steps": 6,
+        "train_steps": 6,
+        "report_every": 3,
+        "seed": 1,
+        "num_workers": 0,
+        **model,
+    }
     path = folder / f"{kind}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -214,18 +226,62 @@ def test_shrunk_onmt_translates_and_trains_from(onmt_teachers, kind):
     assert len(shrunk["model"]) < len(teacher["model"])
     student = f"{kind}_student.pt"
     done = subprocess.run(
-        [BIN / "qdistill", "shrink", "onmt", "--checkpoint", f"{kind}_step_6.pt",
-         "--enc-layers", "1", "--dec-layers", "1", "-o", student],
-        cwd=folder, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            BIN / "qdistill",
+            "shrink",
+            "onmt",
+            "--checkpoint",
+            f"{kind}_step_6.pt",
+            "--enc-layers",
+            "1",
+            "--dec-layers",
+            "1",
+            "-o",
+            student,
+        ],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     out = f"{kind}_pred.txt"
-    _run([sys.executable, "-c", STOCK_TRANSLATE, "-model", student, "-src", "src-val.txt",
-          "-output", out, "-max_length", "10"], folder)  # fmt: skip
+    _run(
+        [
+            sys.executable,
+            "-c",
+            STOCK_TRANSLATE,
+            "-model",
+            student,
+            "-src",
+            "src-val.txt",
+            "-output",
+            out,
+            "-max_length",
+            "10",
+        ],
+        folder,
+    )
     assert len((folder / out).read_text().splitlines()) == 5
-    _run([sys.executable, "-c", STOCK_TRAIN, "-config", f"{kind}.yaml", "-save_model", f"{kind}_ft",
-          "-train_from", student, "-train_steps", "9", "-save_checkpoint_steps", "9",
-          "-reset_optim", "all"], folder)  # fmt: skip
+    _run(
+        [
+            sys.executable,
+            "-c",
+            STOCK_TRAIN,
+            "-config",
+            f"{kind}.yaml",
+            "-save_model",
+            f"{kind}_ft",
+            "-train_from",
+            student,
+            "-train_steps",
+            "9",
+            "-save_checkpoint_steps",
+            "9",
+            "-reset_optim",
+            "all",
+        ],
+        folder,
+    )
     trained = load_checkpoint(folder / f"{kind}_ft_step_9.pt")
     assert trained["opt"].enc_layers == 1
 

@@ -14,7 +14,7 @@ from torch import nn
 import compressor
 from compressor.cli.packed import pack_checkpoint
 from compressor.format.packed import load_packed, packed_info
-from compressor.quantization.record import QuantSpec
+from compressor.quantization.record import QuantRecord, QuantSpec
 
 
 def _qdistill(*args, cwd):
@@ -29,9 +29,18 @@ def test_pack_inspect_unpack_a_torchvision_style_checkpoint(tmp_path, monkeypatc
     model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10), nn.LayerNorm(10))
     torch.save({"model": model.state_dict(), "epoch": 3}, tmp_path / "ck.pt")
     done = _qdistill(
-        "pack", "ck.pt", "-o", "ck.qd", "--bits", "4", "--entropy", "huffman",
-        "--exclude", r"^2\.", cwd=tmp_path,
-    )  # fmt: skip
+        "pack",
+        "ck.pt",
+        "-o",
+        "ck.qd",
+        "--bits",
+        "4",
+        "--entropy",
+        "huffman",
+        "--exclude",
+        r"^2$",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert "ck.qd" in done.stdout and "smaller" in done.stdout
     monkeypatch.chdir(tmp_path)  # the installed command packed; the same main() goes on
@@ -60,9 +69,20 @@ def test_pack_nonuniform_from_safetensors(tmp_path):
     state = {"enc.weight": torch.randn(64, 48), "enc.bias": torch.randn(64)}
     save_file(state, tmp_path / "m.safetensors")
     done = _qdistill(
-        "pack", "m.safetensors", "-o", "m.qd", "--method", "nonuniform", "--bits", "3",
-        "--bucket-size", "128", "--entropy", "ans", cwd=tmp_path,
-    )  # fmt: skip
+        "pack",
+        "m.safetensors",
+        "-o",
+        "m.qd",
+        "--method",
+        "nonuniform",
+        "--bits",
+        "3",
+        "--bucket-size",
+        "128",
+        "--entropy",
+        "ans",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     loaded, metadata = load_packed(tmp_path / "m.qd")
     spec = {r.name: r.spec for r in packed_info(tmp_path / "m.qd")}["enc.weight"]
@@ -100,7 +120,7 @@ def test_pack_checkpoint_from_python_with_explicit_specs(tmp_path):
     size = pack_checkpoint(
         state,
         tmp_path / "onmt.qd",
-        recorded_specs={"encoder.w": spec},
+        record=QuantRecord({"encoder.w": spec}),
         metadata={"vocab": ["a", "b"]},
     )
     assert size == (tmp_path / "onmt.qd").stat().st_size
@@ -125,10 +145,10 @@ def cli_files(tmp_path_factory):
     [
         (("pack", "missing.pt", "-o", "x.qd"), "no such file: missing.pt"),
         (("pack", "ck.pt", "-o", "x.qd", "--bits", "9"), "--bits must be from 1 to 8"),
-        (("pack", "ck.pt", "-o", "x.qd", "--bucket-size", "0"), "--bucket-size must be positive"),
-        (("pack", "ck.pt", "-o", "x.qd", "--include", "nothing"), "no tensor selected"),
+        (("pack", "ck.pt", "-o", "x.qd", "--bucket-size", "0"), "--bucket-size must be a positive"),
+        (("pack", "ck.pt", "-o", "x.qd", "--include", "nothing"), "matches no quantizable module"),
         (("pack", "ck.pt", "-o", "x.qd", "--include", "(["), "not a valid regex"),
-        (("pack", "junk.pt", "-o", "x.qd"), "a text file, not a checkpoint"),
+        (("pack", "junk.pt", "-o", "x.qd"), "is a text file, not a checkpoint"),
         (("pack", "list.pt", "-o", "x.qd"), "expected a state dict"),
         (("pack", "ck.pt", "-o", "ck.pt"), "is also an input"),
         (("pack", "ck.pt", "-o", "ck.qd"), "exists; pass --force"),
@@ -159,3 +179,21 @@ def test_the_installed_command_reports_errors_and_bad_options(cli_files):
     assert "Traceback" not in done.stderr
     done = _qdistill("pack", "ck.pt", "-o", "x.qd", "--method", "magic", cwd=cli_files)
     assert done.returncode == 2 and "invalid choice" in done.stderr
+
+
+@pytest.mark.parametrize("method", ["uniform", "differentiable", "lsq"])
+def test_pack_reads_the_record_of_a_training_checkpoint(tmp_path, method):
+    """A training checkpoint (parametrized state, shadow weights) with its QuantRecord, as
+    the vision trainer writes it, packs to exactly the values the model computes with."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+    compressor.quantize_(model, compressor.QuantConfig(bits=4, bucket_size=64, method=method))
+    record = compressor.quantization_record(model)
+    expected = compressor.quantized_state_dict(model)
+    checkpoint = {"model": model.state_dict(), "qdistill": record.to_dict(), "epoch": 0}
+    torch.save(checkpoint, tmp_path / "checkpoint.pth")
+    done = _qdistill("pack", "checkpoint.pth", "-o", "student.qd", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    loaded, _ = load_packed(tmp_path / "student.qd")
+    assert set(loaded) == set(expected)
+    assert all(torch.equal(loaded[k], v) for k, v in expected.items())

@@ -12,20 +12,17 @@ import ast
 import json
 import os
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from conftest import QDISTILL, ROOT
 
 from compressor.cli import main as qdistill
 from compressor.format import files
 from recipes import translation
-
-ROOT = Path(__file__).resolve().parents[1]
-QDISTILL = Path(sys.executable).parent / "qdistill"
 
 
 def _run_cli(capsys, *args) -> tuple[int, str, str]:
@@ -80,7 +77,7 @@ class _FakeTrainer:
     def __init__(self, final: Path) -> None:
         self.final, self.commands = final, []
 
-    def __call__(self, command, log, threads, echo=True):  # noqa: ANN001
+    def __call__(self, command, log, threads, echo=True):
         self.commands.append([str(c) for c in command])
         torch.save(_onmt_checkpoint(), self.final)
 
@@ -255,7 +252,7 @@ def crash_on_fsync(monkeypatch):
     """Every file write fails at its fsync, as a kill there would end it: the earlier file
     must be there, whole, and nothing half-written under the final name."""
 
-    def fsync(fd):  # noqa: ANN001, ANN202
+    def fsync(fd):
         raise _Crash("killed while writing")
 
     monkeypatch.setattr(os, "fsync", fsync)
@@ -331,7 +328,7 @@ def test_experiment_result_json_is_atomic(tmp_path, monkeypatch):
     saved = (tmp_path / "out" / "result.json").read_bytes()
     assert json.loads(saved)["rows"] == first["rows"]
 
-    def fsync(fd):  # noqa: ANN001, ANN202
+    def fsync(fd):
         raise _Crash("killed while writing")
 
     monkeypatch.setattr(os, "fsync", fsync)
@@ -391,7 +388,7 @@ def test_sentencepiece_models_are_atomic(tmp_path, monkeypatch):
         train[f"train.{side}"].write_text("".join(f"word{i} other{i % 7} x\n" for i in range(200)))
     scale = translation.TranslationScale(vocab_size=30, threads=1)
 
-    def fsync(fd):  # noqa: ANN001, ANN202
+    def fsync(fd):
         raise _Crash("killed while writing")
 
     monkeypatch.setattr(os, "fsync", fsync)
@@ -413,7 +410,7 @@ def test_cifar_recipe_files_are_atomic_and_a_damaged_model_is_retrained(
     model = runs.tiny_cnn(4, 1)
     old = _write_old(tmp_path / "m.fp32.safetensors")
 
-    def fsync(fd):  # noqa: ANN001, ANN202
+    def fsync(fd):
         raise _Crash("killed while writing")
 
     monkeypatch.setattr(os, "fsync", fsync)
@@ -466,10 +463,23 @@ def test_shrink_vision_takes_a_references_checkpoint_with_namespace_args(resnet1
     source = resnet18_files / "checkpoint.pth"
     out = tmp_path / "student.pth"
     done = subprocess.run(
-        [QDISTILL, "shrink", "vision", "--arch", "resnet18", "--checkpoint", source,
-         "--blocks", "1,1,1,1", "-o", out],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            QDISTILL,
+            "shrink",
+            "vision",
+            "--arch",
+            "resnet18",
+            "--checkpoint",
+            source,
+            "--blocks",
+            "1,1,1,1",
+            "-o",
+            out,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     student = files.load_checkpoint(out)
     teacher = files.load_checkpoint(source)["model"]
@@ -741,7 +751,7 @@ def _recipe(tmp_path: Path, text: str) -> Path:
         ),
         (
             "name: x\nengine: translation\ndata: toy\nscales: {cpu: {bits: [4, 16]}}\n",
-            "bit widths are from 1 to 8",
+            "bit widths must be from 1 to 8",
         ),
         (
             "name: x\nengine: translation\ndata: toy\nscales: {cpu: {gpu: 1}}\n",

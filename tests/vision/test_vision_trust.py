@@ -17,22 +17,38 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
 from vision_plugin.models import build_model, load_state
 from vision_plugin.train import UsageError, get_args_parser, main, run
 
-SAMPLE = Path(__file__).resolve().parents[1] / "vision_plugin" / "demo_data"
+SAMPLE = ROOT / "vision_plugin" / "demo_data"
 STUDENT = ["--model", "squeezenet1_1", "--dropout", "0", "--cifar-stem"]
-SMALL = ["--data-path", str(SAMPLE), "--max-train-samples", "64", "--max-val-samples", "48",
-         "-b", "32", "--quiet", "--lr", "0.01"]  # fmt: skip
+SMALL = [
+    "--data-path",
+    str(SAMPLE),
+    "--max-train-samples",
+    "64",
+    "--max-val-samples",
+    "48",
+    "-b",
+    "32",
+    "--quiet",
+    "--lr",
+    "0.01",
+]
 
 
 def _python(*args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", **env}
     return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, env=environment, cwd=cwd,
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=cwd,
         timeout=300,
-    )  # fmt: skip
+    )
 
 
 def _train(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -87,8 +103,17 @@ def test_a_fresh_run_keeps_an_earlier_runs_files_and_resume_continues_them(tmp_p
     _one_line_error(done, f"continue it with --resume {out / 'checkpoint.pth'}")
     assert "--force" in done.stderr and _digest(out / "checkpoint.pth") == before
     # Resuming the run in its own folder replaces its files, as it always did.
-    resumed = [*STUDENT, *SMALL, "--full-precision", "--epochs", "2", "--output-dir", str(out),
-               "--resume", str(out / "checkpoint.pth")]  # fmt: skip
+    resumed = [
+        *STUDENT,
+        *SMALL,
+        "--full-precision",
+        "--epochs",
+        "2",
+        "--output-dir",
+        str(out),
+        "--resume",
+        str(out / "checkpoint.pth"),
+    ]
     assert run(resumed) == 0
     assert torch.load(out / "checkpoint.pth", weights_only=False)["epoch"] == 1
     assert (out / "model_0.pth").exists() and (out / "model_1.pth").exists()
@@ -141,8 +166,18 @@ def test_test_only_refuses_a_checkpoint_of_another_model(tmp_path, capsys):
     assert run(args) == 2
     assert "holds a squeezenet1_1, not a resnet18" in capsys.readouterr().err
     # Resuming with other quantization settings would load into another model: refused.
-    args = [*STUDENT, *SMALL, "--epochs", "2", "--quant-bits", "2", "--output-dir", str(out),
-            "--resume", str(out / "checkpoint.pth")]  # fmt: skip
+    args = [
+        *STUDENT,
+        *SMALL,
+        "--epochs",
+        "2",
+        "--quant-bits",
+        "2",
+        "--output-dir",
+        str(out),
+        "--resume",
+        str(out / "checkpoint.pth"),
+    ]
     assert run(args) == 2
     err = capsys.readouterr().err
     assert "was trained with --quant-bits 4, this run asks for --quant-bits 2" in err
@@ -219,7 +254,7 @@ def test_a_kill_while_the_demo_writes_its_report_leaves_the_earlier_report(tmp_p
 
 def test_vision_writers_go_through_compressor_files():
     """No hand-written temporary-name-and-rename, and no direct write, in the plugin."""
-    folder = Path(__file__).resolve().parents[1] / "vision_plugin"
+    folder = ROOT / "vision_plugin"
     for source in folder.glob("*.py"):
         text = source.read_text()
         for direct in ("os.replace(", ".write_text(", "torch.save(", "save_file(", ".savefig(out"):
@@ -257,22 +292,42 @@ def bad_files(tmp_path):
         (["--interpolation", "junk"], "--interpolation 'junk' is not a mode; choose one of"),
         (["--output-dir", "{d}/a_file"], "is a file, not a folder"),
         (["--print-freq", "0"], "--print-freq must be a positive whole number"),
-        (["--data-path", "{d}/badlabels"],
-         "labels must be class numbers 0 to 9; found 1 outside that range (first: label 12"),
-        (["--teacher", "squeezenet1_1", "--teacher-checkpoint", "{d}/notes.pth"],
-         "is a text file, not a checkpoint"),
-        (["--student-checkpoint", "{d}/resnet18.pth"],
-         "does not fit the architecture squeezenet1_1"),
-        (["--test-only", "--resume", "{d}/resnet18.pth"],
-         "does not fit the architecture squeezenet1_1"),
+        (
+            ["--data-path", "{d}/badlabels"],
+            "labels must be class numbers 0 to 9; found 1 outside that range (first: label 12",
+        ),
+        (
+            ["--teacher", "squeezenet1_1", "--teacher-checkpoint", "{d}/notes.pth"],
+            "is a text file, not a checkpoint",
+        ),
+        (
+            ["--student-checkpoint", "{d}/resnet18.pth"],
+            "does not fit the architecture squeezenet1_1",
+        ),
+        (
+            ["--test-only", "--resume", "{d}/resnet18.pth"],
+            "does not fit the architecture squeezenet1_1",
+        ),
         (["--epochs", "-3"], "--epochs must be 0 or more"),
         (["--lr", "-0.1"], "--lr must be 0 or more"),
         (["--device", "junk"], "--device 'junk' is not a device"),
     ],
-    ids=["resume-state-dict", "b0", "b-too-large", "interpolation", "output-dir-file",
-         "print-freq0", "labels", "text-checkpoint", "other-arch", "test-other-arch",
-         "negative-epochs", "negative-lr", "device"],
-)  # fmt: skip
+    ids=[
+        "resume-state-dict",
+        "b0",
+        "b-too-large",
+        "interpolation",
+        "output-dir-file",
+        "print-freq0",
+        "labels",
+        "text-checkpoint",
+        "other-arch",
+        "test-other-arch",
+        "negative-epochs",
+        "negative-lr",
+        "device",
+    ],
+)
 def test_bad_input_is_a_one_line_error(bad_files, extra, message):
     extra = [e.replace("{d}", str(bad_files)) for e in extra]
     out = bad_files / "out"

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import BIN, ROOT
 
 from onmt_plugin import bootstrap, install
 from onmt_plugin.options import CONFIG_OPTION, OPTIONS, named_options
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 PYTHON = sys.executable
 
 
@@ -37,7 +36,7 @@ def _env(plugin: str | None = "1", **extra: str) -> dict:
     return env
 
 
-def _run(args, cwd, env, timeout=300):  # noqa: ANN001, ANN202
+def _run(args, cwd, env, timeout=300):
     return subprocess.run(
         [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -96,8 +95,23 @@ def test_every_install_route_installs_the_start_up_file_and_uninstall_removes_it
     source = _source_copy(tmp_path)
     wheels = tmp_path / "wheels"
     # `pip install .` and a wheel: pip builds the wheel with this backend.
-    done = _run([PYTHON, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                 "-q", source, "-w", wheels], tmp_path, _env())  # fmt: skip
+    done = _run(
+        [
+            PYTHON,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            source,
+            "-w",
+            wheels,
+        ],
+        tmp_path,
+        _env(),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     # `pip install -e .`: the editable wheel (PEP 660) pip asks the backend for.
     build_editable = (
@@ -121,7 +135,7 @@ def test_every_install_route_installs_the_start_up_file_and_uninstall_removes_it
             [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
             tmp_path,
             _env(),
-        ).stdout.strip()  # fmt: skip
+        ).stdout.strip()
     )
     pip = [PYTHON, "-m", "pip", "--python", python]
     show_hooks = "import sys; print([type(f).__name__ for f in sys.meta_path])"
@@ -244,8 +258,9 @@ def test_switched_off_plugin_leaves_a_plain_run_alone(tmp_path):
 
 
 def test_qdistill_options_without_quantized_distill_are_refused(tmp_path):
-    done = _run([BIN / "onmt_train", "-config", _config(tmp_path), "-quant_bits", "2"], tmp_path,
-                _env("1"))  # fmt: skip
+    done = _run(
+        [BIN / "onmt_train", "-config", _config(tmp_path), "-quant_bits", "2"], tmp_path, _env("1")
+    )
     error = _one_error_line(done)
     assert "-quant_bits" in error and "without -quantized_distill" in error, error
 
@@ -291,8 +306,16 @@ def test_an_opennmt_it_cannot_patch_keeps_working_and_refuses_qdistill_runs(
     assert shown.returncode == 0, shown.stderr[-3000:]
     assert "-train_steps" in shown.stdout and "-quantized_distill" not in shown.stdout
     # A run that asks for quantized distillation stops and says why.
-    args = [BIN / "onmt_train", "-config", _config(tmp_path), "-quantized_distill",
-            "-teacher_model", "t.pt", "-quant_bits", "2"]  # fmt: skip
+    args = [
+        BIN / "onmt_train",
+        "-config",
+        _config(tmp_path),
+        "-quantized_distill",
+        "-teacher_model",
+        "t.pt",
+        "-quant_bits",
+        "2",
+    ]
     error = _one_error_line(_run(args, tmp_path, env))
     assert "cannot patch this OpenNMT-py" in error and reason in error, error
     assert ">=3.5,<3.6" in error
@@ -394,6 +417,6 @@ def test_build_model_raises_for_a_bad_run_when_called_as_a_library(tmp_path):
     done = _run([PYTHON, "-c", script], tmp_path, _env("1"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines() == [
-        "raised: --quant_bits must be from 1 to 8, got 9",
+        "raised: --quant_bits must be from 1 to 8 (a whole number), got 9",
         "finally",
     ]

@@ -33,10 +33,20 @@ def teacher_checkpoint(tmp_path_factory):
 
 def _args(cifar10_dir, out, teacher_checkpoint, *extra):
     return [
-        "--data-path", str(cifar10_dir), *STUDENT, *SMALL,
-        "--teacher", "squeezenet1_1", "--teacher-checkpoint", str(teacher_checkpoint),
-        "--lr", "0.01", "--output-dir", str(out), *extra,
-    ]  # fmt: skip
+        "--data-path",
+        str(cifar10_dir),
+        *STUDENT,
+        *SMALL,
+        "--teacher",
+        "squeezenet1_1",
+        "--teacher-checkpoint",
+        str(teacher_checkpoint),
+        "--lr",
+        "0.01",
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
 
 
 def _python(*args, env=None, **kwargs):
@@ -57,8 +67,17 @@ def test_distils_a_4bit_student_and_packs_it(cifar10_dir, teacher_checkpoint, tm
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=False)
     assert set(checkpoint) >= {"model", "optimizer", "lr_scheduler", "epoch", "args"}
     # The packed export evaluates to exactly the in-memory student's accuracy.
-    done = _python("-m", "vision_plugin.train", "--data-path", str(cifar10_dir), *STUDENT, *SMALL,
-                   "--test-only", "--resume", str(out / "student.qd"))  # fmt: skip
+    done = _python(
+        "-m",
+        "vision_plugin.train",
+        "--data-path",
+        str(cifar10_dir),
+        *STUDENT,
+        *SMALL,
+        "--test-only",
+        "--resume",
+        str(out / "student.qd"),
+    )
     assert done.returncode == 0, done.stderr
     assert f"Acc@1 {summary['acc1']:.3f}" in done.stdout
     # Every quantized tensor of the export has at most 2**4 values per bucket.
@@ -77,8 +96,19 @@ def test_learned_points_keep_their_own_small_learning_rate(
     """--quant-method differentiable at the weights' --lr 0.1: the points learn at --points-lr,
     so none of them run into an end of [0, 1] and merge with a neighbour."""
     out = tmp_path / "run"
-    args = _args(cifar10_dir, out, teacher_checkpoint, "--epochs", "1", "--quant-bits", "2",
-                 "--quant-method", "differentiable", "--lr", "0.1")  # fmt: skip
+    args = _args(
+        cifar10_dir,
+        out,
+        teacher_checkpoint,
+        "--epochs",
+        "1",
+        "--quant-bits",
+        "2",
+        "--quant-method",
+        "differentiable",
+        "--lr",
+        "0.1",
+    )
     assert run(args) == 0
     from compressor.format.packed import packed_specs
 
@@ -95,10 +125,20 @@ def test_ddp_on_two_cpu_processes_matches_one_process(cifar10_dir, teacher_check
     assert run(common) == 0
     torchrun = Path(sys.executable).with_name("torchrun")
     done = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "vision_plugin.train",
-         *_args(cifar10_dir, double, teacher_checkpoint, "--epochs", "1")],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
-    )  # fmt: skip
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "vision_plugin.train",
+            *_args(cifar10_dir, double, teacher_checkpoint, "--epochs", "1"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     one = torch.load(single / "checkpoint.pth", weights_only=False)["model"]
     two = torch.load(double / "checkpoint.pth", weights_only=False)["model"]
@@ -232,9 +272,24 @@ def test_imagefolder_tree(cifar10_dir, tmp_path):
             for i in picks:
                 Image.fromarray(images[i]).resize((40, 40)).save(folder / f"{i}.png")
     out = tmp_path / "run"
-    args = ["--data-path", str(tmp_path / "data"), *STUDENT, "-b", "4", "--epochs", "1", "--quiet",
-            "--train-crop-size", "32", "--val-resize-size", "36", "--val-crop-size", "32",
-            "--output-dir", str(out)]  # fmt: skip
+    args = [
+        "--data-path",
+        str(tmp_path / "data"),
+        *STUDENT,
+        "-b",
+        "4",
+        "--epochs",
+        "1",
+        "--quiet",
+        "--train-crop-size",
+        "32",
+        "--val-resize-size",
+        "36",
+        "--val-crop-size",
+        "32",
+        "--output-dir",
+        str(out),
+    ]
     assert run(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert 0 <= summary["acc1"] <= 100 and (out / "student.qd").exists()

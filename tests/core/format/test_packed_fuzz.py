@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 from torch import nn
@@ -45,9 +46,24 @@ from compressor.quantization.record import QuantSpec
 HOSTILE_NUMBERS = [0, 1, -1, 7, 255, 256, 2**16, 2**31, 2**40, 2**63, 10**30, 1.5, None, "x", []]
 # Values of the wrong type or range for any metadata field.
 WRONG_VALUES = [
-    "3", "", "x", "0.weight", [], [1, 2], ["x"], {}, {"a": 1}, None, True, -1, -(2**40),
-    2**64, 0.5, float("nan"), float("inf"),
-]  # fmt: skip
+    "3",
+    "",
+    "x",
+    "0.weight",
+    [],
+    [1, 2],
+    ["x"],
+    {},
+    {"a": 1},
+    None,
+    True,
+    -1,
+    -(2**40),
+    2**64,
+    0.5,
+    float("nan"),
+    float("inf"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +108,7 @@ def _raw_mutation(data: bytes, rng: np.random.Generator) -> bytes:
     return bytes(buf)
 
 
-def _edit_json(value, rng):  # noqa: ANN001, ANN202
+def _edit_json(value, rng):
     """A random edit somewhere inside a parsed JSON value."""
     if isinstance(value, dict) and value:
         key = list(value)[int(rng.integers(0, len(value)))]
@@ -129,8 +145,9 @@ def _signed_mutation(data: bytes, rng: np.random.Generator) -> bytes:
     header = json.loads(data[8 : 8 + header_len])["__metadata__"]
     target = rng.integers(0, 3)
     if target == 0:  # metadata
-        field = ["tensors", "coders", "version", "format"][int(rng.integers(0, 4))]
-        if field in ("tensors", "coders"):
+        fields = ["tensors", "coders", "version", "format", "module_versions"]
+        field = fields[int(rng.integers(0, len(fields)))]
+        if field in ("tensors", "coders", "module_versions"):
             header[field] = json.dumps(_edit_json(json.loads(header[field]), rng))
         else:
             header[field] = str(_edit_json(header[field], rng))
@@ -225,7 +242,7 @@ def test_hostile_headers(tmp_path, originals):
         load_packed(tmp_path)
 
 
-def _resigned(data: bytes, edit) -> bytes:  # noqa: ANN001
+def _resigned(data: bytes, edit) -> bytes:
     payload = st_load(data)
     header_len = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + header_len])["__metadata__"]
@@ -240,7 +257,7 @@ def test_huge_declared_sizes_are_refused_before_allocating(tmp_path, coder):
     path = tmp_path / "w.qd"
     save_packed({"w": spec.quantize(torch.randn(64))}, path, specs={"w": spec}, entropy=coder)
 
-    def huge(header, payload):  # noqa: ANN001
+    def huge(header, payload):
         tensors = json.loads(header["tensors"])
         tensors["w"]["shape"] = [2**40, 2**40]
         header["tensors"] = json.dumps(tensors)
@@ -272,7 +289,7 @@ def test_checksum_catches_any_changed_metadata(tmp_path):
 # Every metadata field replaced by a value of the wrong type (issue 15, item 11).
 
 
-def _places(value, prefix=()):  # noqa: ANN001, ANN202
+def _places(value, prefix=()):
     """Every dict value and the first item of every list inside a parsed JSON value."""
     if isinstance(value, dict):
         for key, item in value.items():
@@ -283,7 +300,7 @@ def _places(value, prefix=()):  # noqa: ANN001, ANN202
         yield from _places(value[0], (*prefix, 0))
 
 
-def _set(value, place, new):  # noqa: ANN001, ANN202
+def _set(value, place, new):
     for step in place[:-1]:
         value = value[step]
     value[place[-1]] = new
@@ -294,17 +311,17 @@ def _metadata(data: bytes) -> dict:
     return json.loads(data[8 : 8 + header_len])["__metadata__"]
 
 
-def _edit_field(field: str, change):  # noqa: ANN001, ANN202
+def _edit_field(field: str, change):
     """A re-signing edit that applies ``change`` to the parsed JSON of one metadata field."""
 
-    def edit(header, payload):  # noqa: ANN001
+    def edit(header, payload):
         value = json.loads(header[field])
         header[field] = json.dumps(change(value))
 
     return edit
 
 
-def _wrong_type_mutants(data: bytes):  # noqa: ANN202
+def _wrong_type_mutants(data: bytes):
     """(label, file bytes) for every field of 'tensors' and 'coders' set to each wrong value,
     and tied entries pointing anywhere."""
     header = _metadata(data)
@@ -313,7 +330,7 @@ def _wrong_type_mutants(data: bytes):  # noqa: ANN202
         for place in _places(parsed):
             for new in WRONG_VALUES:
 
-                def change(value, place=place, new=new):  # noqa: ANN001, ANN202
+                def change(value, place=place, new=new):
                     _set(value, place, new)
                     return value
 
@@ -333,7 +350,7 @@ def _wrong_type_mutants(data: bytes):  # noqa: ANN202
     for label, entry in ties.items():
         for bad_shapes in (False, True):
 
-            def change(value, entry=entry, bad_shapes=bad_shapes):  # noqa: ANN001, ANN202
+            def change(value, entry=entry, bad_shapes=bad_shapes):
                 value[first] = entry
                 value["extra"] = {"tied": first}
                 if bad_shapes:  # shapes that a report would multiply
@@ -387,12 +404,12 @@ def test_crafted_tied_entries_are_one_line_errors_of_the_installed_command(origi
     ``qdistill inspect`` with a TypeError; a tensor tied to itself was listed as a tie."""
     messages = {"bad_shape": "1.bias: unexpected field(s) ['shape']", "to_itself": "tied to"}
 
-    def bad_shape(value):  # noqa: ANN001, ANN202
+    def bad_shape(value):
         value["extra"] = {"tied": "1.bias"}
         value["1.bias"]["shape"] = ["a", "b"]
         return value
 
-    def to_itself(value):  # noqa: ANN001, ANN202
+    def to_itself(value):
         value["extra"] = {"tied": "extra"}
         return value
 
@@ -454,10 +471,10 @@ def _tiny(folder: Path, coder: str | None, bits: int) -> Path:
     return path
 
 
-def _claim(levels: int, count: int, counts: list[int]):  # noqa: ANN202
+def _claim(levels: int, count: int, counts: list[int]):
     """An edit declaring ``w`` of ``count`` weights (and its coder, ``count`` symbols)."""
 
-    def edit(header, payload):  # noqa: ANN001
+    def edit(header, payload):
         tensors, coders = json.loads(header["tensors"]), json.loads(header["coders"])
         tensors["w"]["shape"] = [count]
         if coders:
@@ -471,17 +488,17 @@ def _memory_cases(folder: Path) -> dict[str, Path]:
     rng = np.random.default_rng(0)
     words = 16_000  # a 64 KB stream, as in the issue's 66 KB file
 
-    def issue(header, payload):  # noqa: ANN001 (256 weights a bit: what the old bound let by)
+    def issue(header, payload):
         count = 256 * 32 * words
         _claim(4, count, [count - 3, 1, 1, 1])(header, payload)
         payload["::4::stream"] = rng.integers(1, 2**32, words, dtype=np.uint32)
 
-    def at_bound(header, payload):  # noqa: ANN001 (as many as the loader lets a stream claim)
+    def at_bound(header, payload):
         count = entropy.ans_max_symbols(np.array([10**6, 1, 1, 1]), words)
         _claim(4, count, [count - 3, 1, 1, 1])(header, payload)
         payload["::4::stream"] = rng.integers(1, 2**32, words, dtype=np.uint32)
 
-    def huffman_garbage(header, payload):  # noqa: ANN001 (8 weights a byte of random stream)
+    def huffman_garbage(header, payload):
         count, chunk = 8 * 4 * words, entropy.HUFFMAN_CHUNK
         _claim(2, count, [count // 2, count - count // 2])(header, payload)
         payload["::2::stream"] = rng.integers(0, 256, 4 * words, dtype=np.uint8)
@@ -526,13 +543,16 @@ def test_loading_crafted_files_stays_within_a_memory_bound(tmp_path):
     warm = [_tiny(tmp_path, coder, 2) for coder in ("ans", "huffman", None)]
     env = {
         **os.environ,
-        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        "PYTHONPATH": str(ROOT),
         "MALLOC_MMAP_THRESHOLD_": str(1 << 17),  # large blocks mapped, and unmapped when freed
     }
     done = subprocess.run(
         [sys.executable, "-c", _PROBE, ",".join(map(str, cases.values())), *map(str, warm)],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
     report = []

@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+
 LAYERS = ("quantization", "surgery", "format", "training", "cli")
 # The file format reads and writes bytes; what a model is, it never needs to know.
 FORBIDDEN = {("format", "surgery")}
@@ -112,6 +113,8 @@ def test_each_layer_imports_alone_in_a_fresh_interpreter():
     for layer in LAYERS:
         done = subprocess.run(
             [sys.executable, "-c", f"import compressor.{layer}.__init__; import compressor"],
-            capture_output=True, text=True, cwd=ROOT,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         assert done.returncode == 0, done.stderr
