@@ -25,6 +25,7 @@ from torch import nn
 
 import compressor
 from benchmarks.common import load_result, write_result
+from compressor.format.files import atomic_save, atomic_write_text
 from compressor.quantization.record import QuantSpec
 from compressor.surgery.quantize import packable_state
 
@@ -159,7 +160,7 @@ def measure(builder: str, config: compressor.QuantConfig) -> dict:
         tmp = Path(folder)
         model = build(builder, 0, **kwargs)
         row["parameters"] = sum(p.numel() for p in model.parameters())
-        torch.save(model.state_dict(), tmp / "fp32.pt")
+        atomic_save(model.state_dict(), tmp / "fp32.pt")  # the fp32 size it is compared with
         row["fp32_bytes"] = (tmp / "fp32.pt").stat().st_size
         (tmp / "fp32.pt").unlink()
         row["batchnorms"] = _batchnorms(model)
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
         write_result(NAME, result)
         gc.collect()
     result = load_result(NAME) or result
-    MARKDOWN.write_text(render(result))
+    atomic_write_text(MARKDOWN, render(result))
     print(f"wrote {MARKDOWN}")
     return result
 

@@ -25,10 +25,8 @@ from __future__ import annotations
 import os
 import sys
 
-ENV_SWITCH = "QDISTILL_ONMT_PLUGIN"
-# Set in an onmt_train process (and so inherited by the workers it spawns): there, a
-# quantized-distillation run that cannot start is reported as one line, exit status 2.
-CONSOLE_ENV = "QDISTILL_ONMT_CONSOLE"
+from onmt_plugin.switch import CONSOLE_ENV, enabled
+
 PATCHED_MODULES = frozenset(
     {
         "onmt.opts",
@@ -41,10 +39,6 @@ PATCHED_MODULES = frozenset(
 TRAIN_ENTRY = "onmt.bin.train"
 HOOK_MARK = "_qdistill_onmt_hook"  # attribute of the finders that lead here
 TRAIN_PROGRAMS = ("onmt_train", "qdistill-onmt-train")
-
-
-def enabled() -> bool:
-    return os.environ.get(ENV_SWITCH, "1") != "0"
 
 
 def is_train_process() -> bool:

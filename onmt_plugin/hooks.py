@@ -187,7 +187,7 @@ def guard_train_run(argv: list[str] | None = None) -> None:
     qdistill options must get them. OpenNMT ignores options it does not know, so with the
     plugin switched off, or unable to patch this OpenNMT-py, such a run would train a plain
     fp32 model and exit 0: stop it with one line, exit status 2 (as argparse does)."""
-    from onmt_plugin import bootstrap
+    from onmt_plugin import switch as bootstrap
 
     named = named_options(sys.argv[1:] if argv is None else argv)
     if not named:
@@ -274,7 +274,7 @@ def _patch_train_single(train_single: ModuleType) -> None:
 
     def main(opt, device_id):
         from compressor.format.files import CheckpointError
-        from onmt_plugin.bootstrap import CONSOLE_ENV
+        from onmt_plugin.switch import CONSOLE_ENV
 
         try:
             return original_main(opt, device_id)
