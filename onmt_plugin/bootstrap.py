@@ -17,7 +17,7 @@ imported does the stub import this module and call :func:`find_spec`, which
 With the switch off, the stub is only installed in processes whose command names ``onmt``
 (or runs a module with ``-m``), for that check; nothing is patched.
 
-This module imports nothing beyond ``os`` and ``sys``.
+This module imports nothing beyond ``os``, ``sys`` and the tiny :mod:`onmt_plugin.switch`.
 """
 
 from __future__ import annotations

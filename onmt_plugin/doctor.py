@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
 def report() -> tuple[list[str], bool]:
     """The lines of the report, and whether a quantized-distillation run will work."""
-    from onmt_plugin import bootstrap, install
+    from onmt_plugin import bootstrap, install, switch
 
     lines: list[str] = []
     problems: list[str] = []
@@ -46,17 +46,17 @@ def report() -> tuple[list[str], bool]:
             "the start-up file is missing: reinstall qdistill (pip install .), or run "
             "python -m onmt_plugin.install"
         )
-    if bootstrap.enabled():
-        lines.append(f"switch: on ({bootstrap.ENV_SWITCH} is not 0)")
+    if switch.enabled():
+        lines.append(f"switch: on ({switch.ENV_SWITCH} is not 0)")
     else:
-        lines.append(f"switch: off ({bootstrap.ENV_SWITCH}=0)")
+        lines.append(f"switch: off ({switch.ENV_SWITCH}=0)")
         problems.append(
             f"the plugin is switched off: onmt_train refuses qdistill options; unset "
-            f"{bootstrap.ENV_SWITCH}, or run qdistill-onmt-train"
+            f"{switch.ENV_SWITCH}, or run qdistill-onmt-train"
         )
-    active = bootstrap.hook_installed() and bootstrap.enabled()
+    active = bootstrap.hook_installed() and switch.enabled()
     lines.append(f"hook active in this process: {'yes' if active else 'no'}")
-    if bootstrap.enabled() and current and not active:
+    if switch.enabled() and current and not active:
         problems.append("the start-up file did not run in this process (not in a site folder?)")
     if importlib.util.find_spec("onmt") is None:
         lines.append("OpenNMT-py: not installed (pip install --no-deps OpenNMT-py==3.5.1)")

@@ -18,7 +18,7 @@ import sysconfig
 from pathlib import Path
 
 PTH_NAME = "qdistill_onmt.pth"
-from onmt_plugin.switch import ENV_SWITCH
+ENV_SWITCH = "QDISTILL_ONMT_PLUGIN"  # onmt_plugin.switch.ENV_SWITCH; setup.py reads this file alone
 
 # Python executes a .pth line that starts with "import" in every process, at start-up. This one
 # reads the switch with ``os`` alone (site has imported it) and puts a stub finder first in

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 
-from onmt_plugin import bootstrap
+from onmt_plugin import bootstrap, switch
 
 
 def _activate() -> None:
     # Asking for this command means asking for the plugin, whatever the switch says; the
     # hook reads the switch when OpenNMT is imported, below.
-    os.environ[bootstrap.ENV_SWITCH] = "1"
+    os.environ[switch.ENV_SWITCH] = "1"
     bootstrap.install()
 
 

@@ -20,19 +20,19 @@ import pytest
 import yaml
 from conftest import BIN, ROOT
 
-from onmt_plugin import bootstrap, install
+from onmt_plugin import install, switch
 from onmt_plugin.options import CONFIG_OPTION, OPTIONS, named_options
 
 PYTHON = sys.executable
 
 
 def _env(plugin: str | None = "1", **extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != bootstrap.CONSOLE_ENV}
+    env = {k: v for k, v in os.environ.items() if k != switch.CONSOLE_ENV}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
     if plugin is None:
-        env.pop(bootstrap.ENV_SWITCH, None)
+        env.pop(switch.ENV_SWITCH, None)
     else:
-        env[bootstrap.ENV_SWITCH] = plugin
+        env[switch.ENV_SWITCH] = plugin
     return env
 
 
