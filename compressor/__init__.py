@@ -1,8 +1,8 @@
 """qdistill's compression core, in layers that import one way (each only from those above it
 in this list): ``quantization`` (tensor math), ``surgery`` (quantizers on a model's weights),
-``format`` (packed files, atomic writes, safe loading), ``training`` (distillation
-algorithms), ``cli`` (the ``qdistill`` command). Depends on torch and numpy only; this module
-re-exports the public API."""
+``format`` (packed files, atomic writes, safe loading), ``runtime`` (inference on the stored
+int4 codes), ``training`` (distillation algorithms), ``cli`` (the ``qdistill`` command).
+Depends on torch and numpy only; this module re-exports the public API."""
 
 from compressor.format.files import (
     CheckpointError,
@@ -16,6 +16,7 @@ from compressor.format.packed import (
     write_packed,
 )
 from compressor.quantization.grids import (
+    KERNEL_GROUP_SIZES,
     BucketCodes,
     decode_nonuniform,
     decode_uniform,
@@ -32,6 +33,15 @@ from compressor.quantization.lsq import (
 from compressor.quantization.record import (
     QuantRecord,
     QuantSpec,
+)
+from compressor.runtime.int4 import (
+    RuntimeReport,
+    has_kernel_grid,
+    int4_kernel_available,
+    resident_bytes,
+    run_packed_on_int4_,
+    runtime_report,
+    to_int4_runtime_,
 )
 from compressor.surgery.activations import (
     activation_quantizers,
@@ -59,6 +69,7 @@ from compressor.surgery.quantize import (
 )
 from compressor.surgery.quantizers import (
     DifferentiableQuantizer,
+    Int4KernelQuantizer,
     LsqActivationQuantizer,
     LsqWeightQuantizer,
     NonUniformQuantizer,
@@ -109,6 +120,15 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "BucketCodes",
+    "Int4KernelQuantizer",
+    "KERNEL_GROUP_SIZES",
+    "RuntimeReport",
+    "has_kernel_grid",
+    "int4_kernel_available",
+    "resident_bytes",
+    "run_packed_on_int4_",
+    "runtime_report",
+    "to_int4_runtime_",
     "CheckpointError",
     "DifferentiableQuantizer",
     "DistillConfig",

@@ -34,6 +34,7 @@ PATCHED_MODULES = frozenset(
         "onmt.trainer",
         "onmt.models.model_saver",
         "onmt.bin.translate",
+        "onmt.model_builder",
     }
 )
 TRAIN_ENTRY = "onmt.bin.train"

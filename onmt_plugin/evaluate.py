@@ -14,7 +14,12 @@ numbers are those of the model, vocabulary and transforms stored in the checkpoi
   on plain text against plain references, as sacrebleu expects.
 - size: bytes of the file on disk; ``compression`` = baseline bytes / bytes (``--baseline NAME``).
 - speed: hypothesis tokens (whitespace) per second of the translation subprocess wall time
-  (includes model loading, so it is a lower bound).
+  (includes model loading, so it is a lower bound); ``decode_tokens_per_s`` is OpenNMT's own
+  figure (``-report_time``: predicted tokens per second of translation, loading excluded).
+- path and memory: ``runtime`` is "int4" when the model ran on the int4 kernel (a packed
+  student trained on the kernel grid, see ``onmt_plugin.runtime``), else "fp32";
+  ``peak_rss_mib`` is the translation process's peak resident memory. ``--fp32 NAME`` runs
+  that model on the fp32 path (``QDISTILL_RUNTIME=fp32``), so one table can compare both.
 - agreement with ``--teacher NAME``: sacrebleu BLEU of the model's hypotheses with the teacher's
   hypotheses as the reference (100 = identical output).
 """
@@ -38,6 +43,8 @@ from compressor.format.files import atomic_write_json, check_output
 
 # OpenNMT-py 3.5 ends a run with -tgt by the mean gold score per sentence and the count.
 _GOLD = re.compile(r"GOLD SCORE: (-?[0-9.]+(?:e[-+]?\d+)?), GOLD PPL: \S+ NB SENTENCES: (\d+)")
+_SPEED = re.compile(r"Tokens per second: ([0-9.]+)")
+_RUNTIME = re.compile(r"qdistill: runtime (int4|fp32)")
 
 
 @dataclass
@@ -54,6 +61,9 @@ class EvalRow:
     tokens_per_s: float | None = None
     agreement_bleu: float | None = None
     extra: dict = field(default_factory=dict)
+    decode_tokens_per_s: float | None = None
+    runtime: str | None = None
+    peak_rss_mib: float | None = None
 
 
 def _read_lines(path: str | os.PathLike) -> list[str]:
@@ -76,7 +86,21 @@ def is_eval_json(path: Path) -> bool:
     """Whether ``path`` holds metrics that ``onmt-eval --json`` wrote (a list of its rows)."""
     rows = json.loads(path.read_text(encoding="utf-8"))
     keys = set(EvalRow.__dataclass_fields__)
-    return isinstance(rows, list) and all(isinstance(r, dict) and set(r) == keys for r in rows)
+    first = {
+        "name",
+        "path",
+        "bytes",
+        "compression",
+        "bleu",
+        "chrf",
+        "ppl_word",
+        "tokens_per_s",
+        "agreement_bleu",
+        "extra",
+    }  # fmt: skip  (what every version wrote)
+    return isinstance(rows, list) and all(
+        isinstance(r, dict) and first <= set(r) <= keys for r in rows
+    )
 
 
 def score_lines(hyps: list[str], refs: list[str]) -> tuple[float, float, str, str]:
@@ -102,35 +126,62 @@ def _onmt_translate() -> list[str]:
 
 
 def translate(
-    model: str, src: str, out: str, gold: str | None, extra: list[str]
+    model: str,
+    src: str,
+    out: str,
+    gold: str | None,
+    extra: list[str],
+    env: dict[str, str] | None = None,
+    usage: dict | None = None,
 ) -> tuple[float, str]:
-    """Run stock onmt_translate; returns (wall seconds, log text)."""
+    """Run stock onmt_translate; returns (wall seconds, log text). ``usage``, if given,
+    receives the process's peak resident memory (``peak_rss_mib``)."""
     from compressor.cli import UsageError
 
     cmd = [*_onmt_translate(), "-model", model, "-src", src, "-output", out, *extra]
     if gold:
         cmd += ["-tgt", gold]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
+    with tempfile.TemporaryFile("w+") as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
+        )
+        _, status, rusage = os.wait4(proc.pid, 0)  # this child's own peak memory
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        log.seek(0)
+        text = log.read()
+    if usage is not None:
+        usage["peak_rss_mib"] = rusage.ru_maxrss / 1024  # Linux: KiB
     if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        last = (text.strip().splitlines() or ["(no output)"])[-1]
         raise UsageError(f"onmt_translate failed on {model}: {last}")
-    return seconds, proc.stderr + proc.stdout
+    return seconds, text
 
 
 def evaluate_model(
-    name: str, path: str, src: str, refs_path: str, extra: list[str], workdir: Path
+    name: str,
+    path: str,
+    src: str,
+    refs_path: str,
+    extra: list[str],
+    workdir: Path,
+    env: dict[str, str] | None = None,
 ) -> tuple[EvalRow, list[str]]:
     refs = _read_lines(refs_path)
     hyp_file = workdir / f"{name}.hyp"
-    seconds, log = translate(path, src, str(hyp_file), None, extra)
+    usage: dict = {}
+    seconds, log = translate(path, src, str(hyp_file), None, [*extra, "-report_time"], env, usage)
     hyps = _read_lines(hyp_file)
     bleu, chrf, bsig, csig = score_lines(hyps, refs)
     row = EvalRow(name=name, path=path, bytes=os.path.getsize(path), bleu=bleu, chrf=chrf)
     row.extra["bleu_signature"], row.extra["chrf_signature"] = bsig, csig
     row.tokens_per_s = sum(len(h.split()) for h in hyps) / max(seconds, 1e-9)
-    _, gold_log = translate(path, src, str(workdir / f"{name}.gold"), refs_path, extra)
+    speed, runtime = _SPEED.search(log), _RUNTIME.search(log)
+    row.decode_tokens_per_s = float(speed.group(1)) if speed else None
+    row.runtime = runtime.group(1) if runtime else "fp32"
+    row.peak_rss_mib = usage.get("peak_rss_mib")
+    _, gold_log = translate(path, src, str(workdir / f"{name}.gold"), refs_path, extra, env)
     match = _GOLD.search(gold_log)
     if match and int(match.group(2)) == len(refs):
         total = float(match.group(1)) * len(refs)
@@ -143,14 +194,15 @@ def render(rows: list[EvalRow]) -> str:
     def fmt(v: object, spec: str) -> str:
         return "-" if v is None else format(v, spec)
 
-    head = f"{'model':<22}{'bytes':>12}{'compr.':>8}{'BLEU':>7}{'chrF':>7}{'ppl/word':>9}{'tok/s':>9}{'agree':>7}"  # noqa: E501
+    head = f"{'model':<22}{'bytes':>12}{'compr.':>8}{'BLEU':>7}{'chrF':>7}{'ppl/word':>9}{'tok/s':>9}{'agree':>7}{'path':>6}{'dec.tok/s':>10}{'RSS MiB':>9}"  # noqa: E501
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r.name:<22}{fmt(r.bytes, 'd'):>12}{fmt(r.compression, '.2f'):>8}"
             f"{fmt(r.bleu, '.2f'):>7}"
             f"{fmt(r.chrf, '.2f'):>7}{fmt(r.ppl_word, '.2f'):>9}{fmt(r.tokens_per_s, '.1f'):>9}"
-            f"{fmt(r.agreement_bleu, '.1f'):>7}"
+            f"{fmt(r.agreement_bleu, '.1f'):>7}{r.runtime or '-':>6}"
+            f"{fmt(r.decode_tokens_per_s, '.1f'):>10}{fmt(r.peak_rss_mib, '.0f'):>9}"
         )
     return "\n".join(lines)
 
@@ -200,6 +252,10 @@ def run(args: argparse.Namespace) -> int:
             "-tgt_subword_model",
             args.tgt_subword_model,
         ]
+    named = [_named(spec)[0] for spec in args.models]
+    for name in args.fp32 or []:
+        if name not in named:
+            raise UsageError(f"--fp32 {name} is not a model named in this run ({', '.join(named)})")
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.models:
             name, path = _named(spec)
@@ -207,7 +263,8 @@ def run(args: argparse.Namespace) -> int:
                 raise UsageError(f"checkpoint {path} does not exist; give NAME=PATH of a .pt file")
             if args.src is None:
                 raise UsageError("--src is required to translate checkpoints")
-            row, hyps = evaluate_model(name, path, args.src, args.ref, extra, Path(tmp))
+            env = {"QDISTILL_RUNTIME": "fp32"} if name in (args.fp32 or []) else None
+            row, hyps = evaluate_model(name, path, args.src, args.ref, extra, Path(tmp), env)
             rows.append(row)
             hyps_by_name[name] = hyps
             print(f"evaluated {name}", file=sys.stderr)
@@ -259,4 +316,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tgt-subword-model", help="sentencepiece model of the target side")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--beam-size", type=int, default=1)
+    p.add_argument(
+        "--fp32",
+        action="append",
+        metavar="NAME",
+        help="run the model of that NAME on the fp32 path even if it was trained on the int4 "
+        "kernel grid (QDISTILL_RUNTIME=fp32), repeatable: list a student twice to compare",
+    )
     p.set_defaults(func=run)

@@ -18,6 +18,8 @@
   ``checkpoint["qdistill"]``; checkpoints pickle an ``argparse.Namespace``, which torch >= 2.6
   refuses to load by default, so it is allow-listed; ``load_checkpoint`` also takes the packed
   files ``qdistill pack`` writes (``onmt_translate -model student.qd``).
+- ``onmt.model_builder.load_test_model``: a packed student trained on the int4 kernel grid
+  runs on the int4 kernel (``QDISTILL_RUNTIME``; see :mod:`onmt_plugin.runtime`).
 - ``onmt.bin.translate.main`` (the ``onmt_translate`` console entry): a file that is not a
   model is reported as one line, exit status 2.
 
@@ -54,7 +56,10 @@ TARGETS: dict[str, tuple[str, ...]] = {
     ),
     "onmt.models.model_saver": ("ModelSaver._save", "load_checkpoint", "torch"),
 }
-OPTIONAL_TARGETS: dict[str, tuple[str, ...]] = {"onmt.bin.translate": ("main",)}
+OPTIONAL_TARGETS: dict[str, tuple[str, ...]] = {
+    "onmt.bin.translate": ("main",),
+    "onmt.model_builder": ("load_test_model",),
+}
 
 PATCHED = "patched"
 _status: dict[str, str] = {}  # module name -> PATCHED, or why it was left untouched
@@ -292,6 +297,7 @@ def _log_settings(settings: QuantDistillSettings) -> None:
 
     rounding = f", {settings.rounding} rounding" if settings.method == "uniform" else ""
     kept = ", first and last layers kept in fp32" if settings.keep_first_last else ""
+    grid = " on the int4 kernel grid" if settings.grid == "int4_kernel" else ""
     top_k = (
         f"the teacher's top-{settings.topk} logits (cached per example)"
         if settings.topk
@@ -299,7 +305,7 @@ def _log_settings(settings: QuantDistillSettings) -> None:
     )
     logger.info(
         f"qdistill: quantized distillation active: {settings.bits}-bit {settings.method} "
-        f"quantization, buckets of {settings.bucket_size} weights{rounding}{kept}; teacher "
+        f"quantization{grid}, buckets of {settings.bucket_size} weights{rounding}{kept}; teacher "
         f"{settings.teacher_model}; temperature {settings.temperature:g}, alpha "
         f"{settings.alpha:g}; distilling from {top_k}. Checkpoints hold the quantized "
         "student; validation figures are the quantized student's."
@@ -422,10 +428,18 @@ def _patch_translate(translate: ModuleType) -> None:
     translate.main = main
 
 
+def _patch_model_builder(model_builder: ModuleType) -> None:
+    from onmt_plugin.runtime import wrap_load_test_model
+
+    # onmt.translate.translator looks this name up on the module at each call.
+    model_builder.load_test_model = wrap_load_test_model(model_builder.load_test_model)
+
+
 _PATCHERS = {
     "onmt.opts": _patch_opts,
     "onmt.train_single": _patch_train_single,
     "onmt.trainer": _patch_trainer,
     "onmt.models.model_saver": _patch_model_saver,
     "onmt.bin.translate": _patch_translate,
+    "onmt.model_builder": _patch_model_builder,
 }

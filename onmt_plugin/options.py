@@ -21,6 +21,7 @@ OPTIONS = {
     "quant_method": 7,
     "quant_rounding": 7,
     "quant_keep_first_last": 7,
+    "quant_grid": 7,
     "distill_temperature": 2,
     "distill_alpha": 2,
     "distill_topk": 2,
@@ -71,6 +72,16 @@ def add_options(parser) -> None:
         "-quant_keep_first_last",
         action="store_true",
         help="Leave the first and the last quantizable layer in full precision.",
+    )
+    group.add(
+        "--quant_grid",
+        "-quant_grid",
+        default="minmax",
+        choices=("minmax", "int4_kernel"),
+        help="int4_kernel: train on the grid of PyTorch's int4 matmul kernel (bf16 scale and "
+        "zero per bucket), so that onmt_translate runs the packed student on that kernel with "
+        "exactly the trained weights; needs -quant_bits 4, -quant_method uniform and "
+        "-quant_bucket_size 32/64/128/256.",
     )
     group.add(
         "--distill_temperature",
@@ -184,6 +195,7 @@ class QuantDistillSettings:
     temperature: float
     alpha: float
     topk: int = 0
+    grid: str = "minmax"
 
     @classmethod
     def from_opt(cls, opt) -> QuantDistillSettings:
@@ -211,6 +223,20 @@ class QuantDistillSettings:
             )
         if opt.quant_rounding == "stochastic" and opt.quant_method != "uniform":
             raise ValueError("--quant_rounding stochastic needs --quant_method uniform")
+        grid = getattr(opt, "quant_grid", "minmax")
+        if grid == "int4_kernel":
+            from compressor.quantization.grids import KERNEL_GROUP_SIZES
+
+            if opt.quant_bits != 4 or opt.quant_method != "uniform":
+                raise ValueError(
+                    "--quant_grid int4_kernel needs --quant_bits 4 and --quant_method uniform"
+                )
+            if opt.quant_bucket_size not in KERNEL_GROUP_SIZES:
+                sizes = "/".join(map(str, KERNEL_GROUP_SIZES))
+                raise ValueError(
+                    f"--quant_grid int4_kernel needs --quant_bucket_size {sizes} (the kernel's "
+                    f"group sizes), got {opt.quant_bucket_size}"
+                )
         return cls(
             teacher_model=teacher,
             bits=opt.quant_bits,
@@ -221,6 +247,7 @@ class QuantDistillSettings:
             temperature=opt.distill_temperature,
             alpha=opt.distill_alpha,
             topk=topk,
+            grid=grid,
         )
 
     def quant_config(self):
@@ -232,6 +259,7 @@ class QuantDistillSettings:
             method=self.method,
             rounding=self.rounding,
             keep_first_last=self.keep_first_last,
+            grid=self.grid,
         )
 
     def to_dict(self) -> dict:

@@ -534,8 +534,15 @@ def main(args: argparse.Namespace) -> dict:
     if args.test_only:
         train_set, val_set, num_classes = load_data(args)
         _, val_loader, _ = make_loaders(args, train_set, val_set)
-        model = load_for_evaluation(args, num_classes)
-        metrics = evaluate(model.to(args.device), val_loader, args)
+        model = load_for_evaluation(args, num_classes).to(args.device)
+        if compressor.is_packed(args.resume):  # on the int4 kernel grid: run on the kernel
+            try:
+                _, how = compressor.run_packed_on_int4_(model, args.resume)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+            if is_main(args):
+                print(f"{args.resume}: {how}", flush=True)
+        metrics = evaluate(model, val_loader, args)
         if is_main(args):
             print(f"Acc@1 {metrics['acc1']:.3f} Acc@5 {metrics['acc5']:.3f}")
         return metrics

@@ -17,6 +17,14 @@ def add_quantization_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--method", choices=("uniform", "nonuniform"), default="uniform")
     group.add_argument(
+        "--grid",
+        choices=("minmax", "int4_kernel"),
+        default="minmax",
+        help="int4_kernel: the grid of PyTorch's int4 matmul kernel (bf16 scale and zero per "
+        "bucket), so that the model can run on that kernel; needs --bits 4 and --bucket-size "
+        "32/64/128/256 (default: minmax)",
+    )
+    group.add_argument(
         "--include",
         action="append",
         help="regex over module names to quantize (repeatable; default: every layer weight)",
@@ -43,8 +51,10 @@ def quant_config(args: argparse.Namespace) -> QuantConfig:
             include=None if args.include is None else tuple(args.include),
             exclude=tuple(args.exclude),
             keep_first_last=args.keep_first_last,
+            grid=getattr(args, "grid", "minmax"),
         )
     except ValueError as exc:
         message = str(exc).replace("bits must", "--bits must", 1)
         message = message.replace("include:", "--include:").replace("exclude:", "--exclude:")
+        message = message.replace("grid='int4_kernel' needs", "--grid int4_kernel needs", 1)
         raise UsageError(message) from None

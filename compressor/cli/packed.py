@@ -132,13 +132,14 @@ def _inspect(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     header = (
         f"{'tensor':<44} {'shape':>16} {'bits':>5} {'bucket':>7} {'coding':>8} {'bytes':>11} "
-        f"{'code bits':>9}"
+        f"{'code bits':>9}  {'grid':<11}"
     )
     print(header)
     print("-" * len(header))
     fp32 = 0
     weights = 0
     code_bits_total = 0.0
+    kernel, decoded = [], []
     for r in rows:
         numel = 1
         for d in r.shape:
@@ -155,9 +156,12 @@ def _inspect(args: argparse.Namespace) -> int:
         if r.code_bits is not None:
             weights += numel
             code_bits_total += r.code_bits * numel
+        grid = "" if r.spec is None else _grid_name(r.spec, r.shape)
+        if r.spec is not None:
+            (kernel if grid == "int4 kernel" else decoded).append(r.name)
         print(
             f"{r.name[:44]:<44} {str(list(r.shape)):>16} {bits:>5} {bucket:>7} {r.coding:>8} "
-            f"{r.stored_bytes:>11,} {mean:>9}"
+            f"{r.stored_bytes:>11,} {mean:>9}  {grid:<11}"
         )
     size = path.stat().st_size
     print("-" * len(header))
@@ -167,6 +171,12 @@ def _inspect(args: argparse.Namespace) -> int:
         else ""
     )
     print(f"file {size:,} bytes; fp32 {fp32:,} bytes; compression {fp32 / size:.2f}x; {mean}")
+    if kernel:
+        print(
+            f"int4 runtime: {len(kernel)} quantized tensors on the int4 kernel grid run on the "
+            "int4 kernel (Linear, LSTM, LSTMCell weights; embeddings look their rows up from "
+            f"the codes); {len(decoded)} on other grids are decoded to their dtype"
+        )
     for c in coders:
         print(
             f"{c.kind} coder, {c.levels} levels: {c.symbols:,} indices in "
@@ -174,6 +184,12 @@ def _inspect(args: argparse.Namespace) -> int:
             f"entropy of {c.entropy_bits:.3f}"
         )
     return 0
+
+
+def _grid_name(spec, shape: tuple[int, ...]) -> str:
+    if spec.runs_on_int4_kernel(shape):
+        return "int4 kernel"
+    return {"uniform": "minmax", "nonuniform": "points"}.get(spec.method, spec.method)
 
 
 def _pack(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """Packed model files: quantized tensors stored as their codes, really small on disk.
 
 The container is safetensors (no pickle anywhere on the load path). A quantized tensor ``w``
-is stored as ``w::offset`` and ``w::scale`` (fp32, one per bucket) plus its codes: either
+is stored as ``w::offset`` and ``w::scale`` (fp32, one per bucket; on the int4 kernel grid its
+bf16 zero and scale, kept as their 16 bits, since format version 3) plus its codes: either
 ``w::codes``, bit-packed at its bit width, or its share of one entropy-coded stream pooled over
 every tensor with the same number of levels (``::<levels>::stream``, Huffman or rANS under one
 histogram). Any other tensor is stored as it is; tied tensors once. The metadata holds the
@@ -30,10 +31,13 @@ import torch
 from compressor.format import bitpack, entropy
 from compressor.format.files import atomic_write_bytes
 from compressor.quantization.grids import BucketCodes
-from compressor.quantization.record import QuantSpec
+from compressor.quantization.record import INT4_KERNEL, QuantSpec
 
 FORMAT = "qdistill-packed"
-VERSION = 2
+VERSION = 3
+"""The newest format version. Version 3 added the int4 kernel grid (a bf16 zero and scale per
+bucket); a file without such tensors is written as version 2, which older readers take."""
+READ_VERSIONS = (2, 3)
 ENTROPY_CODERS = (None, "huffman", "ans")
 _SEP = "::"
 _MAX_DIM = 2**40
@@ -117,7 +121,7 @@ def _encode_checked(name: str, value: torch.Tensor, spec: QuantSpec, given) -> B
         how = (
             "pack the quantized (parametrized) model or its training checkpoint with shadow "
             "weights instead"
-            if spec.method == "nonuniform"
+            if not spec.reencodes
             else "quantize it first (spec.quantize) or pack the quantized model"
         )
         raise ValueError(
@@ -199,8 +203,11 @@ def write_packed(
         if _dtype_name(value.dtype) not in _DTYPES:
             raise ValueError(f"{name}: quantized tensors must be floating point, got {value.dtype}")
         encoded = _encode_checked(name, value, spec, given_codes.get(name))
-        payload[f"{name}{_SEP}offset"] = encoded.offset.contiguous().numpy()
-        payload[f"{name}{_SEP}scale"] = encoded.scale.contiguous().numpy()
+        for part in ("offset", "scale"):
+            numbers = getattr(encoded, part).detach().cpu().float().contiguous()
+            if spec.method == INT4_KERNEL:  # bf16 values: their 16 bits, exactly
+                numbers = numbers.to(torch.bfloat16).view(torch.int16)
+            payload[f"{name}{_SEP}{part}"] = numbers.numpy()
         all_codes[name] = encoded.codes.contiguous().numpy().astype(np.uint8, copy=False)
         entries[name] = {
             "shape": list(value.shape),
@@ -209,9 +216,10 @@ def write_packed(
         }
 
     coders = _store_codes(all_codes, specs, payload, entries, entropy)
+    kernel_grid = any(specs[n].method == INT4_KERNEL for n in all_codes)
     header = {
         "format": FORMAT,
-        "version": str(VERSION),
+        "version": str(VERSION if kernel_grid else 2),
         "tensors": _json(entries),
         "coders": _json(coders),
         "user": user,
@@ -439,9 +447,10 @@ def _array(
 def _parse_header(header: Mapping[str, str]) -> tuple[dict, dict, dict]:
     if header.get("format") != FORMAT:
         raise PackedFormatError(f"not a qdistill packed file (no '{FORMAT}' marker)")
-    if header.get("version") != str(VERSION):
+    if header.get("version") not in [str(v) for v in READ_VERSIONS]:
         raise PackedFormatError(
-            f"format version {_show(header.get('version'))}; this qdistill reads {VERSION}"
+            f"format version {_show(header.get('version'))}; this qdistill reads versions "
+            f"{', '.join(map(str, READ_VERSIONS))}"
         )
     parsed = []
     for field in ("tensors", "coders", "user"):
@@ -623,9 +632,12 @@ def _layout(header: Mapping[str, str], payload: Mapping) -> tuple[dict, dict, di
             _raw_array(e, payload)
             expected.add(e.name)
         else:
+            if e.spec.method == INT4_KERNEL and header.get("version") == "2":
+                raise PackedFormatError(f"{e.name}: an int4_kernel tensor in a version-2 file")
             buckets = e.spec.num_buckets(e.numel)
+            stored = np.int16 if e.spec.method == INT4_KERNEL else np.float32
             for part in ("offset", "scale"):
-                _array(payload, f"{e.name}{_SEP}{part}", np.float32, buckets)
+                _array(payload, f"{e.name}{_SEP}{part}", stored, buckets)
                 expected.add(f"{e.name}{_SEP}{part}")
             if e.coding == "bitpack":
                 key = f"{e.name}{_SEP}codes"
@@ -681,7 +693,15 @@ def _decode_pooled(coder: _Coder, entries: Mapping, payload: Mapping) -> dict[st
     return out
 
 
-def _quantized_tensor(entry: _Entry, payload: Mapping, pooled: Mapping) -> torch.Tensor:
+def _bucket_numbers(entry: _Entry, payload: Mapping, part: str) -> torch.Tensor:
+    """A tensor's per-bucket offsets or scales as fp32 (bf16 bits widened exactly)."""
+    numbers = torch.from_numpy(payload[f"{entry.name}{_SEP}{part}"].copy())
+    if entry.spec.method == INT4_KERNEL:
+        numbers = numbers.view(torch.bfloat16).float()
+    return numbers
+
+
+def _entry_codes(entry: _Entry, payload: Mapping, pooled: Mapping) -> BucketCodes:
     spec = entry.spec
     if entry.coding == "bitpack":
         try:
@@ -692,12 +712,16 @@ def _quantized_tensor(entry: _Entry, payload: Mapping, pooled: Mapping) -> torch
         codes = pooled[entry.name]
     if codes.size and int(codes.max()) >= spec.num_levels:
         raise PackedFormatError(f"{entry.name}: a code exceeds the {spec.num_levels} levels")
-    encoded = BucketCodes(
+    return BucketCodes(
         torch.from_numpy(np.ascontiguousarray(codes)),
-        torch.from_numpy(payload[f"{entry.name}{_SEP}offset"].copy()),
-        torch.from_numpy(payload[f"{entry.name}{_SEP}scale"].copy()),
+        _bucket_numbers(entry, payload, "offset"),
+        _bucket_numbers(entry, payload, "scale"),
     )
-    return spec.decode(encoded, entry.shape, _DTYPES[entry.dtype])
+
+
+def _quantized_tensor(entry: _Entry, payload: Mapping, pooled: Mapping) -> torch.Tensor:
+    encoded = _entry_codes(entry, payload, pooled)
+    return entry.spec.decode(encoded, entry.shape, _DTYPES[entry.dtype])
 
 
 def _raw_array(entry: _Entry, payload: Mapping) -> np.ndarray:
@@ -760,6 +784,47 @@ def load_packed(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]
     payload, header = _read(path)
     state, user = _guarded(path, lambda: _load(payload, header))
     return _guarded(path, lambda: _with_module_versions(state, header.get(_MODULE_VERSIONS))), user
+
+
+@dataclass(frozen=True)
+class PackedCodes:
+    """One quantized tensor of a packed file as stored: its spec, shape, decoded dtype and
+    codes (the per-bucket numbers widened to fp32)."""
+
+    spec: QuantSpec
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    codes: BucketCodes
+
+
+def load_packed_codes(
+    path: str | os.PathLike, names: set[str] | None = None
+) -> dict[str, PackedCodes]:
+    """The codes of a packed file's quantized tensors (all, or those ``names`` lists), not
+    decoded to values: what a runtime that executes codes needs. Tied names are included and
+    share their target's codes. Validated as :func:`load_packed` validates."""
+    payload, header = _read(path)
+
+    def quantized(entries: Mapping[str, _Entry], name: str) -> bool:
+        e = entries[name]
+        return e.kind == "quantized" or (e.kind == "tied" and entries[e.target].kind == "quantized")
+
+    def work() -> dict[str, PackedCodes]:
+        entries, coders, _ = _layout(header, payload)
+        wanted = [n for n in entries if (names is None or n in names) and quantized(entries, n)]
+        target = {n: entries[n].target if entries[n].kind == "tied" else n for n in wanted}
+        pooled: dict[str, np.ndarray] = {}
+        for coder in coders.values():
+            if set(target.values()) & set(coder.names):
+                pooled.update(_decode_pooled(coder, entries, payload))
+        found = {}
+        for name in set(target.values()):
+            e = entries[name]
+            codes = _entry_codes(e, payload, pooled)
+            found[name] = PackedCodes(e.spec, e.shape, _DTYPES[e.dtype], codes)
+        return {n: found[target[n]] for n in wanted}
+
+    return _guarded(path, work)
 
 
 def is_packed(path: str | os.PathLike) -> bool:

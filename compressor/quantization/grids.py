@@ -36,6 +36,11 @@ __all__ = [
     "uniform_points",
     "round_points",
     "bucket_view",
+    "KERNEL_GROUP_SIZES",
+    "kernel_grid_fits",
+    "quantize_int4_kernel",
+    "encode_int4_kernel",
+    "decode_int4_kernel",
 ]
 
 MAX_BITS = 8
@@ -357,3 +362,210 @@ def quantize_nonuniform(
     lo, scale, unit = _scaled(bucket_view(x, bucket_size))
     values = points[_nearest_point(unit, points)].mul_(scale).add_(lo)
     return _finish(values, x)
+
+
+# --------------------------------------------------------------------------------------------
+# The int4 kernel grid: what PyTorch's int4 weight-only matmul multiplies with.
+#
+# ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (and ``_weight_int4pack_mm`` on CUDA) takes
+# 4-bit codes in groups of ``group_size`` consecutive weights along the input dimension K of an
+# [N, K] weight, with one bf16 ``scale`` and one bf16 ``zero`` per group, and multiplies with
+# ``(code - 8) * scale + zero`` computed in fp32 (measured on torch 2.14.1, x86_64: an identity
+# input gives that value rounded to bf16, and single-entry inputs ``a * e_k`` give
+# ``bf16(a * w)`` for the fp32 ``w``, never for its bf16 rounding). ``(code - 8) * scale`` is
+# exact in fp32 (4 by 8 significant bits), so only the addition rounds: the value is the same
+# whether or not a multiply-add is fused. Our bucket is the kernel's group: a tensor whose last
+# dimension is a multiple of the bucket size has buckets that are exactly its groups.
+
+KERNEL_GROUP_SIZES = (32, 64, 128, 256)
+_KERNEL_ATTEMPTS = 4
+
+
+def kernel_grid_fits(shape: torch.Size | tuple[int, ...], bucket_size: int | None) -> bool:
+    """Whether a weight of this shape can be multiplied by the int4 kernel with buckets of
+    ``bucket_size``: two dimensions [N, K], K a multiple of a supported group size. (N need
+    not be a multiple of what the packing op needs: the runtime pads it with empty rows.)"""
+    return (
+        bucket_size in KERNEL_GROUP_SIZES
+        and len(shape) == 2
+        and shape[0] > 0
+        and shape[1] > 0
+        and shape[1] % bucket_size == 0
+    )
+
+
+def _bf16_up(v: torch.Tensor) -> torch.Tensor:
+    """Non-negative fp32 values rounded up to bf16 (8 significant bits), held in fp32."""
+    return ((v.view(torch.int32) + 0xFFFF) & ~0xFFFF).view(torch.float32)
+
+
+def _bf16_next_up(v: torch.Tensor) -> torch.Tensor:
+    """The next larger bf16 value of non-negative bf16 values held in fp32."""
+    return (v.view(torch.int32) + 0x10000).view(torch.float32)
+
+
+def _bf16_ulp(v: torch.Tensor) -> torch.Tensor:
+    """The bf16 spacing at the magnitude of ``v`` (fp32)."""
+    exponent = (v.abs().view(torch.int32) & 0x7F800000).view(torch.float32)
+    return exponent * 2.0**-7
+
+
+def _bf16_nearest(v: torch.Tensor) -> torch.Tensor:
+    """fp32 values rounded to the nearest bf16 (ties to even), held in fp32: integer
+    arithmetic on the bits, so that no compiler can elide or reorder the rounding."""
+    bits = v.view(torch.int32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & ~0xFFFF).view(torch.float32)
+
+
+def _kernel_attempt(
+    lo: torch.Tensor, hi: torch.Tensor, scale: torch.Tensor, attempt: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One try at each bucket's zero for the given scales: (zero, covered, next scale)."""
+    zero = _bf16_nearest((lo + hi) * 0.5 + scale * 0.5)
+    covered = ((zero - 8.0 * scale) <= lo) & ((zero + 7.0 * scale) >= hi)
+    if attempt == 0:
+        bigger = _bf16_next_up(scale)
+    else:  # a bucket far from zero: leave room for a whole bf16 spacing of the zero
+        room = _bf16_ulp(torch.maximum(lo.abs(), hi.abs()) + 16.0 * scale) * 2.0
+        bigger = torch.maximum(_bf16_up((hi - lo + room) / 15.0), _bf16_next_up(scale))
+    return zero, covered, torch.where(covered, scale, bigger)
+
+
+def _kernel_grid_of(
+    lo: torch.Tensor, hi: torch.Tensor, early_exit: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-bucket bf16 (scale, zero) held in fp32, min-max driven: the grid
+    ``(c - 8) * scale + zero``, c = 0..15, covers [lo, hi] and ``scale`` is the smallest bf16
+    step that does (or, where no bf16 zero fits, a little larger). ``early_exit=False`` runs
+    every attempt (same result, no data-dependent branch: for a compiler)."""
+    scale = _bf16_up((hi - lo) / 15.0)
+    for attempt in range(_KERNEL_ATTEMPTS):
+        zero, covered, bigger = _kernel_attempt(lo, hi, scale, attempt)
+        if attempt == _KERNEL_ATTEMPTS - 1 or (early_exit and bool(covered.all())):
+            break  # rows with NaN never cover; they decode to NaN as in the min-max grid
+        scale = bigger
+    return scale, zero
+
+
+def _kernel_codes(
+    rows: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    rounding: str,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Float codes in [0, 15] (not yet cast to an integer type)."""
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    codes = (rows - zero).mul_(inv)
+    if rounding == "nearest":
+        codes.round_()
+    else:
+        noise = torch.rand(codes.shape, generator=generator, device=codes.device)
+        codes.add_(noise).floor_()
+    return codes.add_(8.0).clamp_(0, 15)
+
+
+def _kernel_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return codes.sub(8.0).mul_(scale).add_(zero)
+
+
+def _check_kernel_bucket(bucket_size: int | None) -> None:
+    if bucket_size not in KERNEL_GROUP_SIZES:
+        raise ValueError(
+            f"the int4 kernel grid needs a bucket size in {KERNEL_GROUP_SIZES} (the kernel's "
+            f"group sizes), got {bucket_size!r}"
+        )
+
+
+def _fused_kernel_values(rows: torch.Tensor) -> torch.Tensor:
+    lo, hi = torch.aminmax(rows, dim=1, keepdim=True)
+    scale, zero = _kernel_grid_of(lo, hi, early_exit=False)
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    codes = torch.clamp(torch.round((rows - zero) * inv) + 8.0, 0, 15)
+    return (codes - 8.0) * scale + zero
+
+
+_fused_kernel_grid = None
+
+
+def _fused_kernel_quantize(rows: torch.Tensor) -> torch.Tensor | None:
+    """The kernel grid's values through one compiled kernel (the same bits as eager: the grid
+    is integer arithmetic on bits, the product is exact and only the addition rounds), or
+    None where that is off or unavailable."""
+    global _fused_kernel_grid
+    if _fused_kernel_grid is False or os.environ.get("QDISTILL_COMPILE", "1") == "0":
+        return None
+    try:
+        if _fused_kernel_grid is None:
+            _fused_kernel_grid = torch.compile(_fused_kernel_values, dynamic=True)
+        return _fused_kernel_grid(rows)
+    except Exception as exc:  # no C++ compiler, unsupported device: eager is still exact
+        warnings.warn(
+            f"qdistill: fused quantizer unavailable ({exc}); using eager ops", stacklevel=3
+        )
+        _fused_kernel_grid = False
+        return None
+
+
+def quantize_int4_kernel(
+    x: torch.Tensor,
+    bucket_size: int = 256,
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """4-bit quantization on the int4 kernel's grid: per bucket of ``bucket_size``
+    consecutive weights, bf16 ``scale`` and ``zero`` chosen from the bucket's minimum and
+    maximum, values ``(code - 8) * scale + zero`` (fp32), codes 0..15. Returns de-quantized
+    values of x's shape and dtype. A bucket is one kernel group when the tensor is [N, K] with
+    K a multiple of ``bucket_size`` (:func:`kernel_grid_fits`)."""
+    _check_kernel_bucket(bucket_size)
+    _check_rounding(rounding)
+    _check_float(x)
+    if x.numel() == 0:
+        return x.clone()
+    rows = bucket_view(x, bucket_size)
+    if (
+        rounding == "nearest"
+        and x.numel() >= FUSED_MIN_NUMEL
+        and not (torch.is_grad_enabled() and x.requires_grad)
+    ):
+        fused = _fused_kernel_quantize(rows)
+        if fused is not None:
+            return _finish(fused, x)
+    lo, hi = torch.aminmax(rows, dim=1, keepdim=True)
+    scale, zero = _kernel_grid_of(lo, hi)
+    codes = _kernel_codes(rows, scale, zero, rounding, generator)
+    return _finish(_kernel_values(codes, scale, zero), x)
+
+
+def encode_int4_kernel(
+    x: torch.Tensor,
+    bucket_size: int = 256,
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+) -> BucketCodes:
+    """The codes (0..15) and per-bucket ``offset`` = zero and ``scale`` (bf16 values held in
+    fp32) that :func:`quantize_int4_kernel` decodes from."""
+    _check_kernel_bucket(bucket_size)
+    _check_rounding(rounding)
+    _check_float(x)
+    rows = bucket_view(x, bucket_size)
+    lo, hi = torch.aminmax(rows, dim=1, keepdim=True)
+    scale, zero = _kernel_grid_of(lo, hi)
+    codes = _kernel_codes(rows, scale, zero, rounding, generator)
+    flat_codes = codes.reshape(-1)[: x.numel()].to(torch.uint8)
+    return BucketCodes(flat_codes, zero.reshape(-1), scale.reshape(-1))
+
+
+def decode_int4_kernel(
+    encoded: BucketCodes,
+    shape: torch.Size | tuple[int, ...],
+    bucket_size: int = 256,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Inverse of :func:`encode_int4_kernel`: ``(code - 8) * scale + zero`` in fp32, the value
+    the int4 kernel multiplies with."""
+    numel = int(torch.Size(shape).numel())
+    rows = _decode_rows(encoded.codes, numel, bucket_size).to(torch.float32)
+    values = _kernel_values(rows, encoded.scale.view(-1, 1), encoded.offset.view(-1, 1))
+    return values.reshape(-1)[:numel].view(tuple(shape)).to(dtype)

@@ -10,18 +10,24 @@ from dataclasses import dataclass, field
 import torch
 
 from compressor.quantization.grids import (
+    KERNEL_GROUP_SIZES,
     BucketCodes,
     check_bits,
+    decode_int4_kernel,
     decode_nonuniform,
     decode_uniform,
+    encode_int4_kernel,
     encode_nonuniform,
     encode_uniform,
+    kernel_grid_fits,
+    quantize_int4_kernel,
     quantize_nonuniform,
     quantize_tensor,
     round_points,
 )
 
-SPEC_METHODS = ("uniform", "nonuniform")
+INT4_KERNEL = "int4_kernel"
+SPEC_METHODS = ("uniform", "nonuniform", INT4_KERNEL)
 
 
 def code_bits(num_points: int) -> int:
@@ -31,8 +37,10 @@ def code_bits(num_points: int) -> int:
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """One tensor's quantization: ``method`` "uniform" (2**bits levels) or "nonuniform"
-    (``points`` on [0, 1], indexed with ``bits`` bits), bucketed by ``bucket_size``."""
+    """One tensor's quantization: ``method`` "uniform" (2**bits levels), "nonuniform"
+    (``points`` on [0, 1], indexed with ``bits`` bits) or "int4_kernel" (4 bits on the int4
+    kernel's grid: a bf16 scale and zero per bucket, values ``(code - 8) * scale + zero``),
+    bucketed by ``bucket_size``."""
 
     method: str
     bits: int
@@ -52,7 +60,14 @@ class QuantSpec:
                     f"got {0 if not self.points else len(self.points)}"
                 )
         elif self.points is not None:
-            raise ValueError("a uniform spec takes no points")
+            raise ValueError(f"a {self.method} spec takes no points")
+        if self.method == INT4_KERNEL and (
+            self.bits != 4 or self.bucket_size not in KERNEL_GROUP_SIZES
+        ):
+            raise ValueError(
+                f"an int4_kernel spec has 4 bits and a bucket size in {KERNEL_GROUP_SIZES}, "
+                f"got {self.bits} bits and bucket size {self.bucket_size!r}"
+            )
 
     @classmethod
     def nonuniform(cls, points: torch.Tensor, bucket_size: int | None = 256) -> QuantSpec:
@@ -68,14 +83,30 @@ class QuantSpec:
     def num_levels(self) -> int:
         return 2**self.bits if self.points is None else len(self.points)
 
+    @property
+    def reencodes(self) -> bool:
+        """Whether quantized values alone give back their codes (``encode`` of a quantized
+        tensor decodes to it). Min-max uniform grids do; learned points and the int4 kernel
+        grid (whose bf16 scale and zero a quantized bucket does not determine) need the codes
+        encoded from the full-precision weights, which records keep."""
+        return self.method == "uniform"
+
+    def runs_on_int4_kernel(self, shape: torch.Size | tuple[int, ...]) -> bool:
+        """Whether a tensor of this shape and spec can be multiplied by the int4 kernel."""
+        return self.method == INT4_KERNEL and kernel_grid_fits(shape, self.bucket_size)
+
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.method == "uniform":
             return quantize_tensor(x, self.bits, self.bucket_size)
+        if self.method == INT4_KERNEL:
+            return quantize_int4_kernel(x, self.bucket_size)
         return quantize_nonuniform(x, self.points_tensor, self.bucket_size)
 
     def encode(self, x: torch.Tensor) -> BucketCodes:
         if self.method == "uniform":
             return encode_uniform(x, self.bits, self.bucket_size)
+        if self.method == INT4_KERNEL:
+            return encode_int4_kernel(x, self.bucket_size)
         return encode_nonuniform(x, self.points_tensor, self.bucket_size)
 
     def decode(
@@ -86,6 +117,8 @@ class QuantSpec:
     ) -> torch.Tensor:
         if self.method == "uniform":
             return decode_uniform(encoded, shape, self.bucket_size, dtype)
+        if self.method == INT4_KERNEL:
+            return decode_int4_kernel(encoded, shape, self.bucket_size, dtype)
         return decode_nonuniform(encoded, self.points_tensor, shape, self.bucket_size, dtype)
 
     def num_buckets(self, numel: int) -> int:
@@ -94,10 +127,15 @@ class QuantSpec:
         d = numel if self.bucket_size is None else self.bucket_size
         return -(-numel // d)
 
+    @property
+    def bucket_bytes(self) -> int:
+        """Bytes stored per bucket: two fp32 (offset, scale), or two bf16 (zero, scale)."""
+        return 4 if self.method == INT4_KERNEL else 8
+
     def theoretical_bytes(self, numel: int) -> float:
-        """b bits per weight plus two fp32 per bucket (plus the points, if any)."""
+        """b bits per weight plus the two numbers of each bucket (plus the points, if any)."""
         points = 0 if self.points is None else 4 * len(self.points)
-        return numel * self.bits / 8 + 8 * self.num_buckets(numel) + points
+        return numel * self.bits / 8 + self.bucket_bytes * self.num_buckets(numel) + points
 
     def to_dict(self) -> dict:
         out = {"method": self.method, "bits": self.bits, "bucket_size": self.bucket_size}

@@ -7,10 +7,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from compressor.quantization.grids import MAX_BITS, ROUNDINGS, check_bits
+from compressor.quantization.grids import KERNEL_GROUP_SIZES, MAX_BITS, ROUNDINGS, check_bits
 
 METHODS = ("uniform", "nonuniform", "differentiable", "lsq")
 POINT_INITS = ("quantile", "uniform")
+GRIDS = ("minmax", "int4_kernel")
 
 
 def _frozen_mapping(value: Mapping | None) -> Mapping:
@@ -46,6 +47,15 @@ class QuantConfig:
         point_init: "quantile" (default) or "uniform" initial points for the non-uniform methods.
         act_bits: bits of the learned activation quantizers inserted at the inputs of quantized
             layers (QKD); None leaves activations in full precision.
+        grid: "minmax" (default: offset and a 16-significant-bit scale per bucket) or
+            "int4_kernel": the grid PyTorch's int4 matmul kernel multiplies with (a bf16 scale
+            and zero per bucket, values ``(code - 8) * scale + zero``), so that the trained
+            model runs on that kernel exactly as it was evaluated
+            (:func:`compressor.to_int4_runtime_`). Needs ``bits=4``, ``method="uniform"`` and
+            a ``bucket_size`` of 32, 64, 128 or 256 (the kernel's group sizes). It applies to
+            2-D weights whose second (input) dimension is a multiple of ``bucket_size``; other
+            weights, and modules that ``bits_overrides`` gives other than 4 bits, take the
+            min-max grid (``size_report`` says which).
     """
 
     bits: int = 4
@@ -59,6 +69,7 @@ class QuantConfig:
     num_points: Mapping[str, int] = field(default_factory=dict)
     point_init: str = "quantile"
     act_bits: int | None = None
+    grid: str = "minmax"
 
     def __post_init__(self) -> None:
         check_bits(self.bits, "bits")
@@ -103,6 +114,19 @@ class QuantConfig:
                 )
         if self.num_points and self.method in ("uniform", "lsq"):
             raise ValueError("num_points needs method='nonuniform' or 'differentiable'")
+        if self.grid not in GRIDS:
+            raise ValueError(f"grid must be one of {GRIDS}, got {self.grid!r}")
+        if self.grid == "int4_kernel":
+            if self.bits != 4 or self.method != "uniform":
+                raise ValueError(
+                    f"grid='int4_kernel' needs bits=4 and method='uniform', got bits={self.bits} "
+                    f"and method={self.method!r}"
+                )
+            if self.bucket_size not in KERNEL_GROUP_SIZES:
+                raise ValueError(
+                    f"grid='int4_kernel' needs bucket_size in {KERNEL_GROUP_SIZES} (the int4 "
+                    f"kernel's group sizes), got {self.bucket_size!r}"
+                )
         object.__setattr__(self, "bits_overrides", _frozen_mapping(self.bits_overrides))
         object.__setattr__(self, "num_points", _frozen_mapping(self.num_points))
 
@@ -127,5 +151,6 @@ class QuantConfig:
                 tuple(self.num_points.items()),
                 self.point_init,
                 self.act_bits,
+                self.grid,
             )
         )

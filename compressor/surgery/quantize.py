@@ -50,6 +50,7 @@ def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
                     config.rounding,
                     config.num_points.get(full_name(module_name, tensor_name)),
                     config.point_init,
+                    config.grid,
                 )
                 shared[id(weight)] = quantizer.to(weight.device)
             parametrize.register_parametrization(module, tensor_name, quantizer, unsafe=True)
@@ -255,7 +256,7 @@ def quantize_state_dict(
             "takes method='uniform' or 'nonuniform'"
         )
     candidates = model_candidates(model) if model is not None else state_candidates(state)
-    out, specs = OrderedDict(state), {}
+    out, specs, codes = OrderedDict(state), {}, {}
     if hasattr(state, "_metadata"):  # module versions, which load_state_dict may need
         out._metadata = state._metadata
     done: dict[tuple, str] = {}  # tied tensors (one storage) are quantized once and stay tied
@@ -269,15 +270,28 @@ def quantize_state_dict(
             storage = (value.untyped_storage().data_ptr(), value.storage_offset(), value.shape)
             if value.numel() and storage in done:
                 specs[name], out[name] = specs[done[storage]], out[done[storage]]
+                if done[storage] in codes:
+                    codes[name] = codes[done[storage]]
                 continue
             done[storage] = name
             count = config.num_points.get(name, 2**bits)
             quantizer = make_weight_quantizer(
-                config.method, value, bits, config.bucket_size, "nearest", count, config.point_init
+                config.method,
+                value,
+                bits,
+                config.bucket_size,
+                "nearest",
+                count,
+                config.point_init,
+                config.grid,
             )
-            specs[name] = quantizer.spec
-            out[name] = specs[name].quantize(value)
-    return out, QuantRecord(specs)
+            spec = specs[name] = quantizer.spec
+            if spec.reencodes:
+                out[name] = spec.quantize(value)
+            else:  # keep the codes: the quantized values alone do not give them back
+                codes[name] = spec.encode(value)
+                out[name] = spec.decode(codes[name], value.shape, value.dtype)
+    return out, QuantRecord(specs, codes)
 
 
 def quantize_once() -> AbstractContextManager:

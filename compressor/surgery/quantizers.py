@@ -19,7 +19,9 @@ from compressor.quantization.grids import (
     _scaled,
     bucket_view,
     check_bits,
+    kernel_grid_fits,
     quantile_points,
+    quantize_int4_kernel,
     quantize_tensor,
     round_points,
     uniform_points,
@@ -88,6 +90,35 @@ class UniformQuantizer(WeightQuantizer):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, bucket_size={self.bucket_size}, rounding={self.rounding}"
+
+
+class Int4KernelQuantizer(WeightQuantizer):
+    """4-bit quantization on the int4 kernel's grid (see
+    :func:`compressor.quantization.grids.quantize_int4_kernel`): per bucket, a bf16 scale and
+    zero from the bucket's minimum and maximum. Its codes are encoded from the shadow weight
+    (the quantized values alone do not give back the bf16 pair), and records keep them."""
+
+    def __init__(self, bucket_size: int = 256, rounding: str = "nearest"):
+        super().__init__()
+        self.bits = 4
+        self.bucket_size = bucket_size
+        self.rounding = rounding
+        self._spec = QuantSpec("int4_kernel", 4, bucket_size)
+
+    @property
+    def spec(self) -> QuantSpec:
+        return self._spec
+
+    def _quantize(self, weight: torch.Tensor) -> torch.Tensor:
+        # Stochastic rounding is a training-time device; evaluation always rounds to nearest.
+        rounding = self.rounding if self.training else "nearest"
+        return quantize_int4_kernel(weight, self.bucket_size, rounding)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return _StraightThrough.apply(weight, self._quantize)
+
+    def extra_repr(self) -> str:
+        return f"int4 kernel grid, bucket_size={self.bucket_size}, rounding={self.rounding}"
 
 
 class NonUniformQuantizer(WeightQuantizer):
@@ -233,8 +264,18 @@ def make_weight_quantizer(
     rounding: str = "nearest",
     num_points: int | None = None,
     point_init: str = "quantile",
+    grid: str = "minmax",
 ) -> WeightQuantizer:
-    """The quantizer module for one weight tensor, as :class:`QuantConfig` describes it."""
+    """The quantizer module for one weight tensor, as :class:`QuantConfig` describes it
+    (``grid="int4_kernel"`` applies to 4-bit uniform weights whose shape the kernel takes;
+    others get the min-max grid)."""
+    if (
+        grid == "int4_kernel"
+        and method == "uniform"
+        and bits == 4
+        and kernel_grid_fits(weight.shape, bucket_size)
+    ):
+        return Int4KernelQuantizer(bucket_size, rounding)
     if method == "uniform":
         return UniformQuantizer(bits, bucket_size, rounding)
     if method == "lsq":
@@ -251,6 +292,7 @@ def make_weight_quantizer(
 __all__ = [
     "WeightQuantizer",
     "UniformQuantizer",
+    "Int4KernelQuantizer",
     "NonUniformQuantizer",
     "DifferentiableQuantizer",
     "LsqWeightQuantizer",

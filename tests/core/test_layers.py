@@ -1,5 +1,5 @@
-"""The core imports one way: quantization -> surgery -> format -> training -> cli, with no
-cycle between modules and nothing above torch and numpy (issue 17). Every import counts,
+"""The core imports one way: quantization -> surgery -> format -> runtime -> training -> cli,
+with no cycle between modules and nothing above torch and numpy (issue 17). Every import counts,
 also those inside functions."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from conftest import ROOT
 
-LAYERS = ("quantization", "surgery", "format", "training", "cli")
+LAYERS = ("quantization", "surgery", "format", "runtime", "training", "cli")
 # The file format reads and writes bytes; what a model is, it never needs to know.
 FORBIDDEN = {("format", "surgery")}
 THIRD_PARTY_OK = {"torch", "numpy", "safetensors", "constriction", "tqdm"}
