@@ -97,7 +97,7 @@ def is_eval_json(path: Path) -> bool:
         "tokens_per_s",
         "agreement_bleu",
         "extra",
-    }  # fmt: skip  (what every version wrote)
+    }  # what every version wrote
     return isinstance(rows, list) and all(
         isinstance(r, dict) and first <= set(r) <= keys for r in rows
     )
