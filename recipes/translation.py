@@ -70,6 +70,9 @@ class TranslationScale:
     top_k: tuple[int, ...] = ()
     fp32_student: bool = False  # also the shallow student in full precision, labels only
     bucket_size: int = 256
+    # "int4_kernel": the quantized-distillation students train on the int4 kernel's grid, so
+    # that onmt_translate runs them on that kernel (onmt-eval then times both paths)
+    quant_grid: str = "minmax"
     distill_alpha: float = 0.7
     distill_temperature: float = 1.0
     threads: int = 2
@@ -208,6 +211,37 @@ def base_config(files: Mapping[str, Path], scale: TranslationScale, work: Path) 
     }
 
 
+def build_vocab(config: dict, work: Path, threads: int) -> None:
+    """OpenNMT's vocabulary files ``vocab.{src,tgt}`` in ``work`` (skipped when there)."""
+    if (work / "vocab.tgt").exists():
+        return
+    # onmt_build_vocab writes its files itself: into partial names, copied into place
+    # atomically afterwards, vocab.tgt (which marks the step done) last.
+    partial = {side: work / f".vocab.partial.{side}" for side in ("src", "tgt")}
+    vocab_config = work / "vocab.yaml"
+    atomic_write_text(
+        vocab_config,
+        yaml.safe_dump(
+            {
+                **config,
+                "save_data": str(work / "vocab"),
+                "overwrite": True,
+                "src_vocab": str(partial["src"]),
+                "tgt_vocab": str(partial["tgt"]),
+            }
+        ),
+    )
+    _run(
+        [BIN / "onmt_build_vocab", "-config", vocab_config, "-n_sample", "-1"],
+        work / "vocab.log",
+        threads,
+        echo=False,
+    )
+    for side in ("src", "tgt"):
+        atomic_write_bytes(work / f"vocab.{side}", partial[side].read_bytes())
+        partial[side].unlink()
+
+
 def _run(command: list, log: Path, threads: int, echo: bool = True) -> None:
     """Run a tool, keep its whole output in ``log`` and echo its progress lines."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
@@ -313,11 +347,21 @@ def _qdistill(*args: str) -> None:
         raise RuntimeError(f"qdistill {args[0]} failed with exit code {code}")
 
 
-def run(corpus: Corpus, scale: TranslationScale, work_dir: str | os.PathLike) -> dict:
-    """Run (or finish) the whole experiment; returns the evaluation rows and the scale."""
+def run(
+    corpus: Corpus,
+    scale: TranslationScale,
+    work_dir: str | os.PathLike,
+    teacher: str | os.PathLike | None = None,
+) -> dict:
+    """Run (or finish) the whole experiment; returns the evaluation rows and the scale.
+
+    ``teacher``: an existing, trained OpenNMT-py checkpoint to compress instead of training
+    one; its sentencepiece models and vocabularies (``spm.{src,tgt}.model``,
+    ``vocab.{src,tgt}``) must lie beside it, and are used as they are."""
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     steps = 8
+    existing = teacher
 
     print(f"[1/{steps}] data: {corpus.directory}", flush=True)
     files = prepare_data(corpus, scale, work / "data")
@@ -328,42 +372,29 @@ def run(corpus: Corpus, scale: TranslationScale, work_dir: str | os.PathLike) ->
         flush=True,
     )
 
-    print(f"[2/{steps}] sentencepiece ({scale.vocab_size} pieces per language) and vocab")
+    if teacher is not None:
+        teacher = Path(teacher)
+        print(f"[2/{steps}] sentencepiece and vocab of the existing teacher {teacher}")
+        for name in ("spm.src.model", "spm.tgt.model", "vocab.src", "vocab.tgt"):
+            if not (work / name).exists():
+                if not (teacher.parent / name).is_file():
+                    raise FileNotFoundError(f"{teacher.parent} lacks {name}, beside the teacher")
+                atomic_write_bytes(work / name, (teacher.parent / name).read_bytes())
+    else:
+        print(f"[2/{steps}] sentencepiece ({scale.vocab_size} pieces per language) and vocab")
     train_sentencepiece(files, scale, work)
     config = base_config(files, scale, work)
-    if not (work / "vocab.tgt").exists():
-        # onmt_build_vocab writes its files itself: into partial names, copied into place
-        # atomically afterwards, vocab.tgt (which marks the step done) last.
-        partial = {side: work / f".vocab.partial.{side}" for side in ("src", "tgt")}
-        vocab_config = work / "vocab.yaml"
-        atomic_write_text(
-            vocab_config,
-            yaml.safe_dump(
-                {
-                    **config,
-                    "save_data": str(work / "vocab"),
-                    "overwrite": True,
-                    "src_vocab": str(partial["src"]),
-                    "tgt_vocab": str(partial["tgt"]),
-                }
-            ),
-        )
-        _run(
-            [BIN / "onmt_build_vocab", "-config", vocab_config, "-n_sample", "-1"],
-            work / "vocab.log",
-            scale.threads,
-            echo=False,
-        )
-        for side in ("src", "tgt"):
-            atomic_write_bytes(work / f"vocab.{side}", partial[side].read_bytes())
-            partial[side].unlink()
+    build_vocab(config, work, scale.threads)
 
     layers = scale.teacher_layers
-    print(f"[3/{steps}] teacher: {layers}-layer LSTM, {scale.teacher_steps} steps", flush=True)
-    teacher_ckpt = train(
-        {**config, "layers": layers}, work, "teacher", scale.teacher_steps, scale.threads
-    )
-    teacher = strip_optimizer(teacher_ckpt, work / "teacher.pt")
+    if teacher is not None:
+        print(f"[3/{steps}] teacher: the existing {teacher} (not trained here)", flush=True)
+    else:
+        print(f"[3/{steps}] teacher: {layers}-layer LSTM, {scale.teacher_steps} steps", flush=True)
+        teacher_ckpt = train(
+            {**config, "layers": layers}, work, "teacher", scale.teacher_steps, scale.threads
+        )
+        teacher = strip_optimizer(teacher_ckpt, work / "teacher.pt")
 
     print(f"[4/{steps}] student initialised from the teacher's first layers", flush=True)
     student_init = work / "student_init.pt"
@@ -395,7 +426,11 @@ def run(corpus: Corpus, scale: TranslationScale, work_dir: str | os.PathLike) ->
     students += [(f"student_dq{b}", b, "differentiable") for b in scale.dq_bits]
     students = [(name, bits, method, 0) for name, bits, method in students]
     students += [(f"student_qd4_top{k}", 4, "uniform", k) for k in scale.top_k]
+    on_kernel: list[str] = []  # students trained on the int4 kernel grid
     for name, bits, method, top_k in students:
+        grid = scale.quant_grid if bits == 4 and method == "uniform" else "minmax"
+        if grid == "int4_kernel":
+            on_kernel.append(name)
         cached = f", teacher's top-{top_k} logits cached" if top_k else ""
         print(
             f"[5/{steps}] {name}: {scale.student_layers}-layer {bits}-bit student, {method} "
@@ -418,6 +453,8 @@ def run(corpus: Corpus, scale: TranslationScale, work_dir: str | os.PathLike) ->
             str(top_k),
             "-distill_temperature",
             str(scale.distill_temperature),
+            "-quant_grid",
+            grid,
             *from_teacher,
         ]
         ckpt = train(student_config, work, name, scale.student_steps, scale.threads, distill)
@@ -432,10 +469,15 @@ def run(corpus: Corpus, scale: TranslationScale, work_dir: str | os.PathLike) ->
 
     print(f"[7/{steps}] onmt-eval on {counts['test.src']:,} test sentences", flush=True)
     result_json = work / "eval.json"
+    fp32_paths = []  # each kernel-grid student once more, through the fp32 path
+    for name in on_kernel:
+        models[f"{name}_fp32path"] = models[name]
+        fp32_paths += ["--fp32", f"{name}_fp32path"]
     if not result_json.exists():
         _qdistill(
             "onmt-eval",
             *(f"{name}={path}" for name, path in models.items()),
+            *fp32_paths,
             "--src",
             files["test.src"],
             "--ref",
@@ -458,6 +500,7 @@ def run(corpus: Corpus, scale: TranslationScale, work_dir: str | os.PathLike) ->
 
     print(f"[8/{steps}] report", flush=True)
     result = {"scale": asdict(scale), "corpus": str(corpus.directory), "counts": counts}
+    result["existing_teacher"] = None if existing is None else str(existing)
     result["rows"] = rows
     write_report(result, work)
     return result
@@ -508,20 +551,34 @@ def write_report(result: dict, work: Path) -> None:
     plt.close(fig)
 
     scale, counts = result["scale"], result["counts"]
+    if result.get("existing_teacher"):
+        about = [
+            f"Teacher: the existing, trained checkpoint {result['existing_teacher']} (not "
+            f"trained here). Students: {scale['student_layers']}-layer, started from the "
+            f"teacher's first layers, {scale['student_steps']} steps on "
+            f"{counts['train.src']:,} training pairs; {counts['test.src']:,} test sentences, "
+            "greedy decoding, CPU. path: int4 = the packed 4-bit codes multiplied by PyTorch's "
+            "int4 kernel, fp32 = the weights decoded to fp32 (the same values).",
+        ]
+    else:
+        about = [
+            f"Scale: {counts['train.src']:,} training pairs, sentencepiece "
+            f"{scale['vocab_size']} pieces per language, {scale['teacher_layers']}-layer LSTM "
+            f"teacher ({scale['hidden_size']} units, {scale['teacher_steps']} steps), "
+            f"{scale['student_layers']}-layer students ({scale['student_steps']} steps), "
+            f"{counts['test.src']:,} test sentences, greedy decoding, CPU. This is a short run: "
+            "compare the models with each other, not with published Multi30k results. At this "
+            "scale the teacher is far from converged, and the students continue training from "
+            "its layers, so a student can score above its teacher.",
+        ]
     lines = [
         f"# Quantized distillation on {Path(result['corpus']).name} ({scale['name']} scale)",
         "",
-        f"Scale: {counts['train.src']:,} training pairs, sentencepiece {scale['vocab_size']} "
-        f"pieces per language, {scale['teacher_layers']}-layer LSTM teacher "
-        f"({scale['hidden_size']} units, {scale['teacher_steps']} steps), "
-        f"{scale['student_layers']}-layer students ({scale['student_steps']} steps), "
-        f"{counts['test.src']:,} test sentences, greedy decoding, CPU. This is a short run: "
-        "compare the models with each other, not with published Multi30k results. At this "
-        "scale the teacher is far from converged, and the students continue training from "
-        "its layers, so a student can score above its teacher.",
+        *about,
         "",
-        "| model | file bytes | compression | BLEU | chrF | ppl/word | tokens/s | agreement |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | file bytes | compression | BLEU | chrF | ppl/word | agreement | path "
+        "| decoding tokens/s | peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
 
     def cell(value: object, spec: str) -> str:
@@ -531,8 +588,9 @@ def write_report(result: dict, work: Path) -> None:
         lines.append(
             f"| {row['name']} | {row['bytes']:,} | {cell(row['compression'], '.2f')}x "
             f"| {cell(row['bleu'], '.2f')} | {cell(row['chrf'], '.2f')} "
-            f"| {cell(row['ppl_word'], '.2f')} | {cell(row['tokens_per_s'], '.0f')} "
-            f"| {cell(row['agreement_bleu'], '.1f')} |"
+            f"| {cell(row['ppl_word'], '.2f')} | {cell(row['agreement_bleu'], '.1f')} "
+            f"| {row.get('runtime', 'fp32')} | {cell(row.get('decode_tokens_per_s'), '.0f')} "
+            f"| {cell(row.get('peak_rss_mib'), '.0f')} |"
         )
     signature = rows[0]["extra"].get("bleu_signature", "")
     lines += [
