@@ -120,6 +120,28 @@ def score_lines(hyps: list[str], refs: list[str]) -> tuple[float, float, str, st
     return b.score, c.score, str(bleu.get_signature()), str(chrf.get_signature())
 
 
+def subword_args(src_model: str | None, tgt_model: str | None) -> list[str]:
+    """``onmt_translate`` flags that run OpenNMT's own sentencepiece transform: it segments the
+    source and detokenizes the output, so hypotheses are plain text. Both models or neither."""
+    from compressor.cli import UsageError
+
+    if bool(src_model) != bool(tgt_model):
+        raise UsageError("give both --src-subword-model and --tgt-subword-model, or neither")
+    if not src_model:
+        return []
+    for model in (src_model, tgt_model):
+        if not os.path.isfile(model):
+            raise UsageError(f"subword model {model} does not exist")
+    return [
+        "-transforms",
+        "sentencepiece",
+        "-src_subword_model",
+        src_model,
+        "-tgt_subword_model",
+        tgt_model,
+    ]
+
+
 def _onmt_translate() -> list[str]:
     exe = shutil.which("onmt_translate", path=os.path.dirname(sys.executable))
     return [exe] if exe else [sys.executable, "-m", "onmt.bin.translate"]
@@ -238,20 +260,7 @@ def run(args: argparse.Namespace) -> int:
     rows: list[EvalRow] = []
     hyps_by_name: dict[str, list[str]] = {}
     extra = ["-gpu", "-1", "-batch_size", str(args.batch_size), "-beam_size", str(args.beam_size)]
-    if bool(args.src_subword_model) != bool(args.tgt_subword_model):
-        raise UsageError("give both --src-subword-model and --tgt-subword-model, or neither")
-    if args.src_subword_model:
-        for model in (args.src_subword_model, args.tgt_subword_model):
-            if not os.path.isfile(model):
-                raise UsageError(f"subword model {model} does not exist")
-        extra += [
-            "-transforms",
-            "sentencepiece",
-            "-src_subword_model",
-            args.src_subword_model,
-            "-tgt_subword_model",
-            args.tgt_subword_model,
-        ]
+    extra += subword_args(args.src_subword_model, args.tgt_subword_model)
     named = [_named(spec)[0] for spec in args.models]
     for name in args.fp32 or []:
         if name not in named:
