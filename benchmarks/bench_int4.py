@@ -21,6 +21,17 @@ the same process, on the same machine (which is noisy).
 
 Speed is OpenNMT's own ``Tokens per second`` (``-report_time``: translation only, model
 loading excluded).
+
+With ``--transformer`` (``--skip-lstm`` for that section alone), the same for a transformer at
+CPU scale (the ``multi30k`` recipe's ``cpu_transformer`` scale: d_model 256, 4 heads,
+feed-forward 1024, a 3+3-layer teacher, a 3+1-layer 4-bit student on the kernel grid, started
+from the teacher's layers; the shipped teacher's sentencepiece models and vocabularies), side by
+side with CTranslate2: a full-precision student of the same shape (labels only, same steps),
+exported with ``qdistill onmt-export-ct2 --quantization int8`` (CTranslate2's own re-quantization)
+and timed with ``ctranslate2.Translator`` on the same sentences (tokenization and detokenization
+included, as in OpenNMT's figure). Results go to ``results/int4_transformer.json``.
+
+    python -m benchmarks.bench_int4 --transformer --skip-lstm --teacher-dir DIR
 """
 
 from __future__ import annotations
@@ -32,29 +43,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks.common import interleaved_timings, ratio, write_result
+from compressor.format.files import atomic_write_bytes, atomic_write_text
 
 BIN = Path(sys.executable).parent
 WORK = Path(__file__).resolve().parent / "work" / "int4"
+# The shipped Multi30k teacher: its sentencepiece models and vocabularies serve the transformer.
+SHIPPED = Path(__file__).resolve().parents[1] / "onmt_plugin" / "pretrained" / "multi30k_de_en_lstm"
 BUCKET = 128  # the brnn encoder's LSTMs are 128 wide per direction at hidden 256
 _SPEED = re.compile(r"Tokens per second: ([0-9.]+)")
 _TOTAL = re.compile(r"Total translation time \(s\): ([0-9.]+)")
 _RUNTIME = re.compile(r"qdistill: runtime (int4|fp32) \((.*)\)")
 _RESIDENT = re.compile(r"weights resident ([0-9.]+) MiB, ([0-9.]+) MiB decoded")
-
-
-def _run(cmd: list, log: Path, threads: int, env: dict | None = None) -> None:
-    environment = {**os.environ, "OMP_NUM_THREADS": str(threads), **(env or {})}
-    with open(log, "a", encoding="utf-8") as out:
-        out.write(f"$ {' '.join(map(str, cmd))}\n")
-        out.flush()
-        done = subprocess.run(
-            [str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT, env=environment
-        )
-    if done.returncode:
-        raise RuntimeError(f"{Path(str(cmd[0])).name} failed; see {log}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,17 +90,7 @@ def teacher_folder(args: argparse.Namespace) -> Path:
     files = t.prepare_data(corpus, scale, folder / "data")
     t.train_sentencepiece(files, scale, folder)
     config = t.base_config(files, scale, folder)
-    if not (folder / "vocab.tgt").exists():
-        import yaml
-
-        (folder / "vocab.yaml").write_text(
-            yaml.safe_dump({**config, "save_data": str(folder / "vocab")})
-        )
-        _run(
-            [BIN / "onmt_build_vocab", "-config", folder / "vocab.yaml", "-n_sample", "-1"],
-            folder / "vocab.log",
-            args.threads,
-        )
+    t.build_vocab(config, folder, args.threads)
     ckpt = t.train(
         {**config, "layers": scale.teacher_layers},
         folder,
@@ -205,7 +198,7 @@ def big_model(teacher: Path, args: argparse.Namespace) -> Path:
         lines = (teacher / f"vocab.{side}").read_text(encoding="utf-8").splitlines()
         lines += [f"<filler{i}>\t1" for i in range(32000 - len(lines))]
         path = work / f"vocab32k.{side}"
-        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        atomic_write_text(path, "\n".join(lines) + "\n")
         vocab.append(path)
     config = {**_config(teacher, 1024, (vocab[0], vocab[1]), 32000), "batch_size": 1024}
     print(f"training the paper-like model ({args.big_steps} steps)", flush=True)
@@ -348,6 +341,199 @@ def quantizer_speed(numel: int = 16 * 1024 * 1024) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# The transformer section (--transformer): int4 against fp32 path, and against CTranslate2.
+
+
+def transformer_scale(args: argparse.Namespace):
+    """The multi30k recipe's ``cpu_transformer`` scale, with this run's steps and depth."""
+    from recipes import translation as t
+    from recipes.experiments import load_recipe
+
+    params = load_recipe("multi30k").parameters("cpu_transformer")
+    fields = {
+        k: tuple(v) if isinstance(v, list) else v
+        for k, v in params.items()
+        if k in t.TranslationScale.__dataclass_fields__
+    }
+    overrides = {
+        "teacher_steps": args.transformer_teacher_steps,
+        "student_steps": args.transformer_student_steps,
+        "threads": args.threads,
+    }
+    if args.transformer_student_layers:
+        enc, dec = args.transformer_student_layers
+        overrides.update(student_layers=enc, student_dec_layers=dec)
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return t.TranslationScale(**{**fields, "name": "cpu_transformer"})
+
+
+def transformer_data(args: argparse.Namespace, scale) -> Path:
+    """A folder with {train,valid,test}.{src,tgt}: ``--data-dir``, the teacher folder's
+    ``data/``, or Multi30k prepared here (plain copies, no training)."""
+    from recipes import translation as t
+
+    for folder in (args.data_dir, args.teacher_dir and Path(args.teacher_dir) / "data"):
+        if folder:
+            if not (Path(folder) / "test.tgt").exists():
+                raise SystemExit(f"{folder} lacks test.tgt (and its other splits)")
+            return Path(folder)
+    corpus = t.Corpus(
+        Path(os.environ.get("QDISTILL_DATA", "../shared/data")) / "multi30k", "de", "en"
+    )
+    t.prepare_data(corpus, scale, args.work / "transformer" / "data")
+    return args.work / "transformer" / "data"
+
+
+def transformer_models(args: argparse.Namespace) -> tuple[Path, dict[str, Path], object]:
+    """The transformer teacher, the 4-bit student on the kernel grid (packed), the
+    full-precision student of the same shape and its CTranslate2 int8 export; each step
+    skipped when its output is there. Returns (work folder, models by name, scale)."""
+    from recipes import translation as t
+
+    scale = transformer_scale(args)
+    work = args.work / "transformer"
+    work.mkdir(parents=True, exist_ok=True)
+    for name in ("spm.src.model", "spm.tgt.model", "vocab.src", "vocab.tgt"):
+        if not (work / name).exists():
+            atomic_write_bytes(work / name, (args.spm_dir / name).read_bytes())
+    data = transformer_data(args, scale)
+    files = {f"{s}.{side}": data / f"{s}.{side}" for s in t.SPLITS for side in ("src", "tgt")}
+    config = t.base_config(files, scale, work)
+    layers = scale.teacher_layers
+    what = t.describe(scale.model, scale.hidden_size, layers, layers)
+    print(f"transformer teacher: {what}, {scale.teacher_steps} steps", flush=True)
+    ckpt = t.train(
+        {**config, **t.depth_options(layers, layers)},
+        work,
+        "teacher",
+        scale.teacher_steps,
+        args.threads,
+    )
+    models = {"teacher": t.strip_optimizer(ckpt, work / "teacher.pt")}
+    enc, dec = scale.student_depth
+    init = work / "student_init.pt"
+    if not init.exists():
+        shrink = ["--checkpoint", models["teacher"], "-o", init]
+        t._qdistill("shrink", "onmt", *shrink, "--enc-layers", enc, "--dec-layers", dec)
+    student = {**config, **t.depth_options(enc, dec)}
+    if scale.student_warmup_steps is not None:
+        student.update(t.schedule_options(scale, scale.student_warmup_steps))
+    from_teacher = ["-train_from", str(init), "-reset_optim", "all"]
+    what = t.describe(scale.model, scale.hidden_size, enc, dec)
+    packed = work / "student_kernel.qd"
+    if not packed.exists():
+        print(f"transformer student_kernel: {what}, 4-bit, {scale.student_steps} steps", flush=True)
+        distill = [
+            "-quantized_distill",
+            "-teacher_model",
+            str(models["teacher"]),
+            "-quant_bits",
+            "4",
+            "-quant_bucket_size",
+            str(scale.bucket_size),
+            "-quant_grid",
+            "int4_kernel",
+            "-distill_alpha",
+            str(scale.distill_alpha),
+        ]
+        distill += from_teacher
+        ckpt = t.train(student, work, "student_kernel", scale.student_steps, args.threads, distill)
+        t._qdistill("pack", ckpt, "-o", packed)
+    models["student_kernel"] = packed
+    print(f"transformer student_fp32: {what}, labels only, {scale.student_steps} steps", flush=True)
+    ckpt = t.train(student, work, "student_fp32", scale.student_steps, args.threads, from_teacher)
+    models["student_fp32"] = t.strip_optimizer(ckpt, work / "student_fp32.pt")
+    ct2 = work / "student_fp32.ct2_int8"
+    if not ct2.exists():
+        t._qdistill("onmt-export-ct2", models["student_fp32"], "-o", ct2, "--quantization", "int8")
+    models["ct2_int8"] = ct2
+    return work, models, scale
+
+
+def ct2_translate(
+    model: Path, src: Path, out: Path, spm: Path, beam: int, batch: int, threads: int
+) -> dict:
+    """One CTranslate2 run over ``src``: tokens/s as OpenNMT counts them (target pieces, no
+    end of sentence), over sentencepiece encoding, translation and decoding; model loading
+    excluded."""
+    import ctranslate2
+    import sentencepiece
+
+    source = sentencepiece.SentencePieceProcessor(model_file=str(spm / "spm.src.model"))
+    target = sentencepiece.SentencePieceProcessor(model_file=str(spm / "spm.tgt.model"))
+    translator = ctranslate2.Translator(
+        str(model), device="cpu", inter_threads=1, intra_threads=threads
+    )
+    lines = src.read_text(encoding="utf-8").splitlines()
+    start = time.perf_counter()
+    pieces = [source.encode(line, out_type=str) for line in lines]
+    hypotheses = []
+    for i in range(0, len(pieces), batch):
+        done = translator.translate_batch(
+            pieces[i : i + batch], beam_size=beam, max_batch_size=batch
+        )
+        hypotheses += [r.hypotheses[0] for r in done]
+    text = [target.decode(h) for h in hypotheses]
+    seconds = time.perf_counter() - start
+    atomic_write_text(out, "\n".join(text) + "\n")
+    tokens = sum(len(h) for h in hypotheses)
+    return {"tokens_per_s": tokens / seconds, "translate_s": seconds, "path": "ctranslate2 int8"}
+
+
+def transformer_section(args: argparse.Namespace) -> dict:
+    """Train (or reuse) the transformer models, then time them: the 4-bit student on int4
+    and on the fp32 path, CTranslate2 int8 of the full-precision student, and BLEU of all,
+    with the teacher and the full-precision student (onmt_translate) for reference."""
+    from onmt_plugin.export_ct2 import directory_bytes
+
+    work, models, scale = transformer_models(args)
+    if args.only_models:
+        return {}
+    data = transformer_data(args, scale)
+    src, ref = work / f"test{args.sentences}.src", data / "test.tgt"
+    lines = (data / "test.src").read_text(encoding="utf-8").splitlines()[: args.sentences]
+    atomic_write_text(src, "\n".join(lines) + "\n")
+    speed = speed_table("transformer_kernel", models["student_kernel"], work, src, ref, args)
+    out = args.work / "hyp"
+    ct2, reference = {}, {}
+    for key, r in speed.items():
+        beam = 1 if key.startswith("greedy") else 5
+        batch = int(key.rsplit("batch", 1)[1])
+        hyp = out / f"transformer_ct2_int8.{key}.txt"
+        runs = [
+            ct2_translate(models["ct2_int8"], src, hyp, work, beam, batch, args.threads)
+            for _ in range(args.repeats)
+        ]
+        ct2[key] = {**max(runs, key=lambda x: x["tokens_per_s"]), "bleu": bleu(hyp, ref)}
+        ct2[key]["int4_over_ct2"] = r["int4"]["tokens_per_s"] / ct2[key]["tokens_per_s"]
+        print(
+            f"transformer {key}: CTranslate2 int8 {ct2[key]['tokens_per_s']:.0f} tok/s, BLEU "
+            f"{ct2[key]['bleu']:.2f}; int4 {r['int4']['tokens_per_s']:.0f} tok/s, BLEU "
+            f"{r['bleu_int4']:.2f}",
+            flush=True,
+        )
+    for name in ("teacher", "student_fp32"):
+        for beam in (1, 5):
+            hyp = out / f"transformer_{name}.beam{beam}.txt"
+            run = translate(models[name], src, hyp, work, beam, 32, "fp32", args.threads)
+            reference[f"{name}_beam{beam}"] = {**run, "bleu": bleu(hyp, ref)}
+    sizes = {
+        "teacher_pt": models["teacher"].stat().st_size,
+        "student_fp32_pt": models["student_fp32"].stat().st_size,
+        "student_kernel_qd": models["student_kernel"].stat().st_size,
+        "ct2_int8_dir": directory_bytes(models["ct2_int8"]),
+    }
+    return {
+        "scale": asdict(scale),
+        "sentences": len(lines),
+        "speed": speed,
+        "ctranslate2_int8": ct2,
+        "reference": reference,
+        "bytes": sizes,
+    }
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -363,9 +549,60 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip-big", action="store_true")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--only-models", action="store_true", help="train and pack, then stop")
+    parser.add_argument(
+        "--transformer",
+        action="store_true",
+        help="also the transformer section, with CTranslate2 int8 side by side",
+    )
+    parser.add_argument(
+        "--skip-lstm", action="store_true", help="skip the LSTM sections (and the quantizer's)"
+    )
+    parser.add_argument("--transformer-teacher-steps", type=int, help="default: the recipe's")
+    parser.add_argument("--transformer-student-steps", type=int, help="default: the recipe's")
+    parser.add_argument(
+        "--transformer-student-layers",
+        type=int,
+        nargs=2,
+        metavar=("ENC", "DEC"),
+        help="the transformer student's depth (default: the recipe's, 3 1)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="{train,valid,test}.{src,tgt} for the transformer (default: --teacher-dir's "
+        "data/, else Multi30k prepared under --work)",
+    )
+    parser.add_argument(
+        "--spm-dir",
+        type=Path,
+        default=SHIPPED,
+        help="sentencepiece models and vocabularies for the transformer (default: the shipped "
+        "teacher's)",
+    )
+    parser.add_argument(
+        "--results-name", default="int4", help="results/NAME.json and NAME_transformer.json"
+    )
     args = parser.parse_args(argv)
+    if args.skip_lstm and not args.transformer:
+        parser.error("--skip-lstm leaves nothing to run without --transformer")
     args.work.mkdir(parents=True, exist_ok=True)
+    result = {} if args.skip_lstm else lstm_sections(args)
+    if args.transformer:
+        section = transformer_section(args)
+        if section:
+            config = {k: str(v) for k, v in vars(args).items()}
+            path = write_result(
+                f"{args.results_name}_transformer", {"config": config, "transformer": section}
+            )
+            print(transformer_report(section))
+            print(f"wrote {path}")
+            result["transformer"] = section
+    return result
 
+
+def lstm_sections(args: argparse.Namespace) -> dict:
+    """The LSTM student at CPU scale and the paper-like model, the kernel grid's accuracy and
+    the quantizer's speed, written to ``results/<results-name>.json``."""
     teacher = teacher_folder(args)
     students = cpu_students(teacher, args)
     big = None if args.skip_big else big_model(teacher, args)
@@ -377,7 +614,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, count in (("cpu", args.sentences), ("big", args.big_sentences)):
         sources[name] = args.work / f"test{count}.src"
         lines = test_src.read_text(encoding="utf-8").splitlines()[:count]
-        sources[name].write_text("\n".join(lines) + "\n", encoding="utf-8")
+        atomic_write_text(sources[name], "\n".join(lines) + "\n")
     result["cpu_scale"] = speed_table(
         "student_kernel", students["student_kernel"], teacher, sources["cpu"], test_ref, args
     )
@@ -397,7 +634,7 @@ def main(argv: list[str] | None = None) -> dict:
             "big_kernel", big, teacher, sources["big"], test_ref, args
         )
     result["quantizer"] = quantizer_speed()
-    path = write_result("int4", result)
+    path = write_result(args.results_name, result)
     print(report(result))
     print(f"wrote {path}")
     return result
@@ -443,6 +680,48 @@ def report(result: dict) -> str:
         )
     q = result["quantizer"]["int4_kernel_over_clone"]
     lines.append(f"\nkernel grid quantizer, 16M values: {q['median']:.2f}x clone (goal <= 1.5x)")
+    return "\n".join(lines)
+
+
+def transformer_report(section: dict) -> str:
+    """The transformer table: our int4 and fp32 paths against CTranslate2 int8."""
+    scale = section["scale"]
+    enc = scale["student_layers"]
+    dec = enc if scale["student_dec_layers"] is None else scale["student_dec_layers"]
+    lines = [
+        f"Transformer student {enc}+{dec} layers, d_model {scale['hidden_size']}, "
+        f"{section['sentences']} test sentences",
+        "",
+        "| decoding | int4 tok/s | fp32 path tok/s | int4 speed-up | goal | CTranslate2 int8 "
+        "tok/s | int4 / CT2 | BLEU int4 / fp32 / CT2 int8 |",
+        "|---|---:|---:|---:|---|---:|---:|---|",
+    ]
+    for key, r in section["speed"].items():
+        ct2 = section["ctranslate2_int8"][key]
+        goal = 2.0 if key.endswith("batch1") else 1.3
+        met = "met" if r["speedup"] >= goal else "missed"
+        lines.append(
+            f"| {key.replace('_', ', ')} | {r['int4']['tokens_per_s']:.0f} | "
+            f"{r['fp32']['tokens_per_s']:.0f} | {r['speedup']:.2f}x | >= {goal}x: {met} | "
+            f"{ct2['tokens_per_s']:.0f} | {ct2['int4_over_ct2']:.2f}x | {r['bleu_int4']:.2f} / "
+            f"{r['bleu_fp32']:.2f} / {ct2['bleu']:.2f} |"
+        )
+    ref = section["reference"]
+    lines.append(
+        f"\nBLEU (batch 32) greedy / beam 5: teacher {ref['teacher_beam1']['bleu']:.2f} / "
+        f"{ref['teacher_beam5']['bleu']:.2f}, full-precision student "
+        f"{ref['student_fp32_beam1']['bleu']:.2f} / {ref['student_fp32_beam5']['bleu']:.2f}"
+    )
+    b = section["bytes"]
+    lines.append(
+        f"bytes: 4-bit student packed {b['student_kernel_qd']:,}; CTranslate2 int8 "
+        f"{b['ct2_int8_dir']:,}; full-precision student {b['student_fp32_pt']:,}; teacher "
+        f"{b['teacher_pt']:,}"
+    )
+    run = next(iter(section["speed"].values()))
+    if run["int4"]["resident_mib"]:
+        i4, f32 = run["int4"]["resident_mib"], run["int4"]["decoded_mib"]
+        lines.append(f"weights resident {i4:.1f} MiB on int4 vs {f32:.1f} MiB decoded fp32")
     return "\n".join(lines)
 
 

@@ -386,6 +386,34 @@ def _timing_section(lines: list[str]) -> None:
     lines.append("")
 
 
+def _int4_section(lines: list[str]) -> None:
+    from benchmarks.bench_int4 import report, transformer_report
+
+    result = _load(RESULTS / "int4.json")
+    if result is None:
+        lines.append("_No int4 runtime results yet: run `python -m benchmarks.bench_int4`._\n")
+        return
+    env = result.get("environment", {})
+    config = result.get("config", {})
+    lines.append(
+        f"`onmt_translate` of 4-bit LSTM students trained on the int4 kernel grid, on the int4 "
+        f"kernel against the same student through the fp32 path (`QDISTILL_RUNTIME=fp32`), "
+        f"runs taken in turn; {config.get('sentences', '?')} test sentences, "
+        f"{config.get('threads', '?')} thread(s), {env.get('processor', '?')} with "
+        f"{env.get('cpu_count', '?')} cores, torch {env.get('torch', '?')}. Tokens/s is "
+        "OpenNMT's own figure (`-report_time`, model loading excluded).\n"
+    )
+    lines.append(report(result) + "\n")
+    transformer = _load(RESULTS / "int4_transformer.json")
+    if transformer is None:
+        lines.append(
+            "_No transformer results yet: run `python -m benchmarks.bench_int4 --transformer "
+            "--skip-lstm` (about 3 hours on 2 cores)._\n"
+        )
+    else:
+        lines.append(transformer_report(transformer["transformer"]) + "\n")
+
+
 def main() -> Path:
     lines = ["# qdistill benchmark report", ""]
     lines.append(
@@ -402,6 +430,8 @@ def main() -> Path:
     _training_cost_section(lines)
     lines.append("## Inference speed\n")
     _inference_section(lines)
+    lines.append("## Int4 runtime\n")
+    _int4_section(lines)
     lines.append("## Core speed\n")
     _timing_section(lines)
     notes = HERE / "missed_goals.md"  # written by hand: what was tried where a goal is missed

@@ -44,6 +44,7 @@ CONFIGURATIONS = (
     "qd_2",
     "qd_4",
     "qd_8",
+    "qd_4_kernel",
     "dq_2",
     "dq_4",
     "qkd_w4a4",
@@ -164,6 +165,13 @@ def _jobs(models: _Models) -> dict[str, tuple[str, int | None, Callable[[], nn.M
                 data, cfg, models.get("teacher"), b, models.teacher_logits()
             )[0],
         )
+    jobs["qd_4_kernel"] = (
+        "quantized distillation, int4 kernel grid",
+        4,
+        lambda: runs.run_quantized_distillation(
+            data, cfg, models.get("teacher"), 4, models.teacher_logits(), grid="int4_kernel"
+        )[0],
+    )
     for bits in (2, 4):
         for unit, suffix, method in (
             ("bits", "", "differentiable quantization + bit allocation"),

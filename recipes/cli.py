@@ -189,7 +189,9 @@ def register_recipe(subparsers) -> None:
     listing.set_defaults(func=_recipe_list)
     run = sub.add_parser("run", help="run (or resume) one recipe")
     run.add_argument("name", help="recipe name (see `qdistill recipe list`) or a YAML file")
-    run.add_argument("--scale", choices=("cpu", "paper"), default="cpu")
+    run.add_argument(
+        "--scale", default="cpu", help="one of the recipe's scales (`qdistill recipe list`)"
+    )
     run.add_argument("--smoke", action="store_true", help="a few steps of everything")
     run.add_argument("--output-dir", help="where results go (default runs/NAME-SCALE)")
     run.add_argument("--data-path", help="data root (default: $QDISTILL_DATA or ../shared/data)")

@@ -202,10 +202,14 @@ def run_quantized_distillation(
     teacher: nn.Module,
     bits: int,
     table: torch.Tensor | None = None,
+    grid: str = "minmax",
 ) -> tuple[nn.Module, list[dict]]:
+    """Quantized distillation of a fresh student; ``grid="int4_kernel"`` (4 bits) trains its
+    2-D weights on the int4 kernel's grid (convolutions keep the min-max grid)."""
     model = student(cfg)
-    compressor.quantize_(model, compressor.QuantConfig(bits=bits)).to(cfg.device)
-    history = _train(model, teacher, data, cfg, cfg.steps, cfg.alpha, f"QD {bits}-bit", table)
+    compressor.quantize_(model, compressor.QuantConfig(bits=bits, grid=grid)).to(cfg.device)
+    label = f"QD {bits}-bit" + (", int4 kernel grid" if grid == "int4_kernel" else "")
+    history = _train(model, teacher, data, cfg, cfg.steps, cfg.alpha, label, table)
     return compressor.materialize_(model), history
 
 

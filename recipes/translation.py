@@ -3,7 +3,7 @@
 One function, :func:`run`, takes a parallel corpus (train/valid/test, plain or gzipped text)
 through the steps a user would type: sentencepiece subwords (OpenNMT's own ``sentencepiece``
 transform, so translations come out detokenized), ``onmt_build_vocab``, a full-precision LSTM
-teacher (``onmt_train``), a shallower student started from the teacher's first layers
+or transformer teacher (``onmt_train``), a shallower student started from the teacher's layers
 (``qdistill shrink onmt``) and trained by ``onmt_train --quantized_distill``, the post-training
 quantized teacher (``qdistill onmt-quantize``, the paper's PM baseline), packed files
 (``qdistill pack``) and ``qdistill onmt-eval`` of every model on the test set.
@@ -54,13 +54,24 @@ class TranslationScale:
     train_pairs: int | None = None  # None: every pair of the training files
     test_pairs: int | None = None
     vocab_size: int = 2000
-    hidden_size: int = 256
-    teacher_layers: int = 2
-    student_layers: int = 1
+    # "lstm": bidirectional LSTM encoder, input-feeding LSTM decoder; "transformer": OpenNMT's
+    # transformer (sinusoidal positions, label smoothing 0.1, Glorot initialisation)
+    model: str = "lstm"
+    hidden_size: int = 256  # the LSTM's units, or the transformer's d_model
+    heads: int = 4  # transformer only
+    transformer_ff: int = 1024  # transformer only: the feed-forward width
+    teacher_layers: int = 2  # on each side
+    student_layers: int = 1  # encoder layers of the students (and decoder layers, unless:)
+    student_dec_layers: int | None = None  # e.g. 1 for a deep-encoder, shallow-decoder student
     teacher_steps: int = 700
     student_steps: int = 500
     batch_tokens: int = 2048
-    learning_rate: float = 0.002
+    learning_rate: float = 0.002  # Adam's; the peak, after warm-up, when warmup_steps is set
+    # 0: a constant learning rate; else a linear warm-up over these steps, then decay with the
+    # inverse square root of the step (OpenNMT's "noam" schedule, which transformers need)
+    warmup_steps: int = 0
+    # the students' warm-up (they start from trained layers: a shorter one); None: warmup_steps
+    student_warmup_steps: int | None = None
     dropout: float = 0.2
     bits: tuple[int, ...] = (4,)  # quantized distillation students
     pm_bits: tuple[int, ...] = (4,)  # post-training quantized teachers
@@ -78,6 +89,29 @@ class TranslationScale:
     threads: int = 2
     gpu: bool = False  # train on GPU 0 (evaluation stays on the CPU, where students deploy)
     seed: int = 1
+
+    @property
+    def student_depth(self) -> tuple[int, int]:
+        """The students' (encoder, decoder) layers."""
+        dec = self.student_layers if self.student_dec_layers is None else self.student_dec_layers
+        return self.student_layers, dec
+
+
+MODELS = ("lstm", "transformer")
+
+
+def depth_options(enc: int, dec: int) -> dict:
+    """OpenNMT-py's depth options (its ``layers`` sets both sides and overrides the other two)."""
+    return {"layers": enc} if enc == dec else {"layers": -1, "enc_layers": enc, "dec_layers": dec}
+
+
+def describe(model: str, hidden_size: int, enc: int, dec: int) -> str:
+    """``2-layer LSTM (256 units)`` or ``3+1-layer transformer (d_model 256)``, for progress
+    lines and reports."""
+    depth = f"{enc}" if enc == dec else f"{enc}+{dec}"
+    if model == "transformer":
+        return f"{depth}-layer transformer (d_model {hidden_size})"
+    return f"{depth}-layer LSTM ({hidden_size} units)"
 
 
 @dataclass(frozen=True)
@@ -178,9 +212,12 @@ def train_sentencepiece(files: Mapping[str, Path], scale: TranslationScale, work
 
 
 def base_config(files: Mapping[str, Path], scale: TranslationScale, work: Path) -> dict:
-    """The OpenNMT-py options every model of the run shares (data, subwords, schedule)."""
+    """The OpenNMT-py options every model of the run shares (data, subwords, architecture,
+    schedule); the depth is each model's own (:func:`depth_options`)."""
+    if scale.model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {scale.model!r}")
     placement = {"world_size": 1, "gpu_ranks": [0]} if scale.gpu else {}
-    return {
+    config = {
         **placement,
         "src_vocab": str(work / "vocab.src"),
         "tgt_vocab": str(work / "vocab.tgt"),
@@ -208,6 +245,35 @@ def base_config(files: Mapping[str, Path], scale: TranslationScale, work: Path) 
         "report_every": 50,
         "seed": scale.seed,
         "num_workers": 0,
+    }
+    if scale.model == "transformer":
+        config.update(
+            encoder_type="transformer",
+            decoder_type="transformer",
+            position_encoding=True,
+            heads=scale.heads,
+            transformer_ff=scale.transformer_ff,
+            attention_dropout=scale.dropout,
+            label_smoothing=0.1,
+            param_init=0.0,
+            param_init_glorot=True,
+            adam_beta2=0.998,
+            normalization="tokens",
+        )
+        del config["rnn_type"]
+    return {**config, **schedule_options(scale, scale.warmup_steps)}
+
+
+def schedule_options(scale: TranslationScale, warmup_steps: int) -> dict:
+    """The learning-rate schedule: constant, or OpenNMT's noam (``learning_rate * d_model^-0.5
+    * min(step^-0.5, step * warmup^-1.5)``) scaled so that its peak, at the end of the
+    warm-up, is the scale's learning rate."""
+    if not warmup_steps:
+        return {"learning_rate": scale.learning_rate, "decay_method": "none"}
+    return {
+        "decay_method": "noam",
+        "warmup_steps": warmup_steps,
+        "learning_rate": scale.learning_rate * (scale.hidden_size * warmup_steps) ** 0.5,
     }
 
 
@@ -390,14 +456,20 @@ def run(
     if teacher is not None:
         print(f"[3/{steps}] teacher: the existing {teacher} (not trained here)", flush=True)
     else:
-        print(f"[3/{steps}] teacher: {layers}-layer LSTM, {scale.teacher_steps} steps", flush=True)
+        what = describe(scale.model, scale.hidden_size, layers, layers)
+        print(f"[3/{steps}] teacher: {what}, {scale.teacher_steps} steps", flush=True)
         teacher_ckpt = train(
-            {**config, "layers": layers}, work, "teacher", scale.teacher_steps, scale.threads
+            {**config, **depth_options(layers, layers)},
+            work,
+            "teacher",
+            scale.teacher_steps,
+            scale.threads,
         )
         teacher = strip_optimizer(teacher_ckpt, work / "teacher.pt")
 
     print(f"[4/{steps}] student initialised from the teacher's first layers", flush=True)
     student_init = work / "student_init.pt"
+    enc, dec = scale.student_depth
     if not student_init.exists():
         _qdistill(
             "shrink",
@@ -407,14 +479,16 @@ def run(
             "-o",
             student_init,
             "--enc-layers",
-            scale.student_layers,
+            enc,
             "--dec-layers",
-            scale.student_layers,
+            dec,
         )
 
     models: dict[str, Path] = {"teacher": teacher}
     entropy_coded: dict[str, Path] = {}
-    student_config = {**config, "layers": scale.student_layers}
+    student_config = {**config, **depth_options(enc, dec)}
+    if scale.student_warmup_steps is not None:
+        student_config.update(schedule_options(scale, scale.student_warmup_steps))
     from_teacher = ["-train_from", str(student_init), "-reset_optim", "all"]
     if scale.fp32_student:
         print(f"[5/{steps}] student_fp32: labels only, {scale.student_steps} steps", flush=True)
@@ -433,7 +507,8 @@ def run(
             on_kernel.append(name)
         cached = f", teacher's top-{top_k} logits cached" if top_k else ""
         print(
-            f"[5/{steps}] {name}: {scale.student_layers}-layer {bits}-bit student, {method} "
+            f"[5/{steps}] {name}: {describe(scale.model, scale.hidden_size, enc, dec)} {bits}-bit "
+            f"student, {method} "
             f"quantized distillation{cached}, {scale.student_steps} steps",
             flush=True,
         )
@@ -561,11 +636,15 @@ def write_report(result: dict, work: Path) -> None:
             "int4 kernel, fp32 = the weights decoded to fp32 (the same values).",
         ]
     else:
+        model, hidden = scale.get("model", "lstm"), scale["hidden_size"]
+        enc = scale["student_layers"]
+        dec = enc if scale.get("student_dec_layers") is None else scale["student_dec_layers"]
+        teacher = describe(model, hidden, scale["teacher_layers"], scale["teacher_layers"])
         about = [
             f"Scale: {counts['train.src']:,} training pairs, sentencepiece "
-            f"{scale['vocab_size']} pieces per language, {scale['teacher_layers']}-layer LSTM "
-            f"teacher ({scale['hidden_size']} units, {scale['teacher_steps']} steps), "
-            f"{scale['student_layers']}-layer students ({scale['student_steps']} steps), "
+            f"{scale['vocab_size']} pieces per language, {teacher} teacher "
+            f"({scale['teacher_steps']} steps), {describe(model, hidden, enc, dec)} students "
+            f"({scale['student_steps']} steps), "
             f"{counts['test.src']:,} test sentences, greedy decoding, CPU. This is a short run: "
             "compare the models with each other, not with published Multi30k results. At this "
             "scale the teacher is far from converged, and the students continue training from "

@@ -242,6 +242,7 @@ def quant_config(args: argparse.Namespace) -> compressor.QuantConfig:
             method=method,
             keep_first_last=args.keep_first_last,
             act_bits=args.act_bits,
+            grid=getattr(args, "quant_grid", "minmax"),
         )
     except (TypeError, ValueError) as exc:
         raise UsageError(f"quantization settings: {exc}") from None
@@ -404,10 +405,15 @@ def read_resume(args: argparse.Namespace) -> dict:
     if recorded is not None:
         if args.model is None:
             args.model = recorded.model
-        settings = (*RECORDED, "opt", "lr_scheduler")
-        differ = [k for k in settings if getattr(recorded, k, None) != getattr(args, k)]
+        settings = (*RECORDED, "quant_grid", "opt", "lr_scheduler")
+        defaults = {"quant_grid": "minmax"}  # checkpoints from before the option
+        differ = [
+            k
+            for k in settings
+            if getattr(recorded, k, defaults.get(k)) != getattr(args, k, defaults.get(k))
+        ]
         if differ:
-            was = " ".join(_setting(k, getattr(recorded, k, None)) for k in differ)
+            was = " ".join(_setting(k, getattr(recorded, k, defaults.get(k))) for k in differ)
             now = " ".join(_setting(k, getattr(args, k)) for k in differ)
             raise UsageError(
                 f"--resume {path} was trained with {was}, this run asks for {now}; resume "
@@ -779,6 +785,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--quant-bucket-size", default=256, type=int)
     parser.add_argument(
         "--quant-method", default="uniform", choices=("uniform", "nonuniform", "differentiable")
+    )
+    parser.add_argument(
+        "--quant-grid",
+        default="minmax",
+        choices=("minmax", "int4_kernel"),
+        help="int4_kernel: train on the grid of PyTorch's int4 matmul kernel, so that "
+        "--test-only --resume student.qd runs the Linear layers on that kernel (needs "
+        "--quant-bits 4, --quant-method uniform, --quant-bucket-size 32/64/128/256)",
     )
     parser.add_argument(
         "--quant-points-lr",

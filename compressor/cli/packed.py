@@ -34,7 +34,10 @@ def checkpoint_formats() -> dict[str, object]:
     """Plugins that know a framework's checkpoint layout, by name (entry-point group
     ``qdistill.checkpoint_formats``). Each is a module with ``from_checkpoint(checkpoint)``,
     returning ``(state, metadata)`` or None when the checkpoint is not its kind, and
-    ``to_checkpoint(state, metadata)``, the inverse, used by ``qdistill unpack``."""
+    ``to_checkpoint(state, metadata)``, the inverse, used by ``qdistill unpack``. Optionally
+    also ``rebuilt_at_load(state, metadata)``, ``{name: why}`` for deterministic tensors that
+    need not be stored because ``rebuild(state, metadata)`` recreates them exactly (it fills
+    the placeholders that loading gives for them; ``to_checkpoint`` calls it too)."""
     from importlib.metadata import entry_points
 
     found = {}
@@ -104,6 +107,7 @@ def pack_checkpoint(
     record: QuantRecord | None = None,
     metadata: Mapping | None = None,
     shadow: Mapping | None = None,
+    rebuilt: Mapping[str, str] | None = None,
 ) -> int:
     """Pack a state dict; returns the size of the written file in bytes.
 
@@ -111,15 +115,59 @@ def pack_checkpoint(
     tensors it names must hold quantized values and are stored exactly (verified bit for bit);
     the ``shadow`` weights or the record's codes give the codes of learned grids. Without one,
     the tensors ``config`` selects are quantized first, by the rule ``quantize_`` uses
-    (:func:`compressor.quantize_state_dict`)."""
+    (:func:`compressor.quantize_state_dict`). ``rebuilt`` names the tensors to leave out
+    because loading rebuilds them exactly (a plugin's ``rebuilt_at_load``)."""
     from compressor.format.packed import write_packed
     from compressor.surgery.quantize import quantize_state_dict
 
     if not record:
         state, record = quantize_state_dict(state, config or QuantConfig())
     return write_packed(
-        state, output, metadata, dict(record.specs), entropy, shadow, codes=dict(record.codes)
+        state,
+        output,
+        metadata,
+        dict(record.specs),
+        entropy,
+        shadow,
+        codes=dict(record.codes),
+        rebuilt=rebuilt,
     )
+
+
+def rebuilt_at_load(state: Mapping, metadata: Mapping) -> dict[str, str]:
+    """What the checkpoint's format plugin says need not be stored (``{name: why}``)."""
+    plugin = checkpoint_formats().get(metadata.get("checkpoint_format"))
+    find = getattr(plugin, "rebuilt_at_load", None)
+    if find is None:
+        return {}
+    try:
+        return dict(find(state, metadata))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def rebuild_placeholders(state: Mapping, metadata: Mapping, source: object) -> Mapping:
+    """A loaded packed state with the tensors left out of the file rebuilt by the checkpoint's
+    format plugin (``UsageError`` when that plugin is not installed here)."""
+    missing = [name for name, value in state.items() if value.is_meta]
+    if not missing:
+        return state
+    kind = metadata.get("checkpoint_format")
+    plugin = checkpoint_formats().get(kind)
+    if plugin is None or not hasattr(plugin, "rebuild"):
+        what = (
+            f"the {kind!r} checkpoint format, which is not installed here"
+            if kind
+            else "no checkpoint format the file names"
+        )
+        raise UsageError(
+            f"{source}: {missing[0]} (and {len(missing) - 1} more) were left out of the file, "
+            f"to be rebuilt at load by {what}"
+        )
+    try:
+        return dict(plugin.rebuild(state, metadata))
+    except ValueError as exc:
+        raise UsageError(f"{source}: {exc}") from None
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -139,15 +187,18 @@ def _inspect(args: argparse.Namespace) -> int:
     fp32 = 0
     weights = 0
     code_bits_total = 0.0
-    kernel, decoded = [], []
+    kernel, decoded, rebuilt = [], [], []
     for r in rows:
         numel = 1
         for d in r.shape:
             numel *= d
-        if r.coding.startswith("tied"):
+        if r.coding.startswith("tied") or r.rebuilt:
+            coding = "tied" if not r.rebuilt else "rebuilt"
             print(
-                f"{r.name[:44]:<44} {str(list(r.shape)):>16} {'':>5} {'':>7} {'tied':>8} {0:>11,}"
+                f"{r.name[:44]:<44} {str(list(r.shape)):>16} {'':>5} {'':>7} {coding:>8} {0:>11,}"
             )
+            if r.rebuilt:
+                rebuilt.append((r, numel))
             continue
         fp32 += 4 * numel
         bits = "-" if r.spec is None else str(r.spec.bits)
@@ -171,6 +222,14 @@ def _inspect(args: argparse.Namespace) -> int:
         else ""
     )
     print(f"file {size:,} bytes; fp32 {fp32:,} bytes; compression {fp32 / size:.2f}x; {mean}")
+    if rebuilt:
+        left_out = sum(numel * _ITEMSIZE.get(r.dtype, 4) for r, numel in rebuilt)
+        print(
+            f"left out of the file, rebuilt at load: {len(rebuilt)} tensors, {left_out:,} bytes "
+            "(not counted in fp32 above)"
+        )
+        for r, _ in rebuilt:
+            print(f"  {r.name} {list(r.shape)} {r.dtype}: {r.rebuilt}")
     if kernel:
         print(
             f"int4 runtime: {len(kernel)} quantized tensors on the int4 kernel grid run on the "
@@ -184,6 +243,9 @@ def _inspect(args: argparse.Namespace) -> int:
             f"entropy of {c.entropy_bits:.3f}"
         )
     return 0
+
+
+_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def _grid_name(spec, shape: tuple[int, ...]) -> str:
@@ -208,6 +270,7 @@ def _pack(args: argparse.Namespace) -> int:
         except (ValueError, KeyError) as exc:
             raise UsageError(f"{source}: {exc} (or pass --requantize)") from None
     entropy = None if args.entropy == "none" else args.entropy
+    rebuilt = rebuilt_at_load(state, metadata)
     try:
         size = pack_checkpoint(
             state,
@@ -217,11 +280,18 @@ def _pack(args: argparse.Namespace) -> int:
             record=record,
             metadata={"source": source.name, **metadata},
             shadow=None if record is None else recorded.get("shadow"),
+            rebuilt=rebuilt,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     ratio = source.stat().st_size / size
     print(f"wrote {args.output}: {size:,} bytes ({ratio:.2f}x smaller than {source.name})")
+    if rebuilt:
+        left_out = sum(state[n].numel() * state[n].element_size() for n in rebuilt)
+        print(
+            f"left out {len(rebuilt)} tensors ({left_out:,} bytes) that loading rebuilds "
+            f"exactly: {', '.join(rebuilt)} (qdistill inspect says why)"
+        )
     return 0
 
 
@@ -261,6 +331,7 @@ def _unpack(args: argparse.Namespace) -> int:
         state, metadata = load_packed(source)
     except PackedFormatError as exc:
         raise UsageError(str(exc)) from None
+    state = rebuild_placeholders(state, metadata, source)
     plugin = checkpoint_formats().get(metadata.get("checkpoint_format"))
     if output.suffix == ".safetensors":
         from safetensors.torch import save

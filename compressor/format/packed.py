@@ -9,6 +9,12 @@ histogram). Any other tensor is stored as it is; tied tensors once. The metadata
 format version, each tensor's shape, dtype and :class:`QuantSpec`, the coders' tables, a
 SHA-256 over the metadata and every payload byte, and the user's metadata.
 
+A tensor that the loading side rebuilds exactly (a deterministic buffer such as a sinusoidal
+position encoding, which the model's constructor recreates) can be left out: the metadata keeps
+its name, shape, dtype and why, and loading puts a placeholder in its place (a ``meta`` tensor,
+no data) for the framework's adapter to fill (format version 4). Which tensors qualify is not
+this module's business: the writer's caller decides, having checked that the rebuild is exact.
+
 Loading validates every declared size against the bytes present before allocating, so a
 truncated, corrupted or hostile file raises :class:`PackedFormatError` instead of crashing,
 hanging or allocating out of proportion to the file.
@@ -34,10 +40,11 @@ from compressor.quantization.grids import BucketCodes
 from compressor.quantization.record import INT4_KERNEL, QuantSpec
 
 FORMAT = "qdistill-packed"
-VERSION = 3
+VERSION = 4
 """The newest format version. Version 3 added the int4 kernel grid (a bf16 zero and scale per
-bucket); a file without such tensors is written as version 2, which older readers take."""
-READ_VERSIONS = (2, 3)
+bucket), version 4 tensors left out to be rebuilt at load. A file is written at the lowest
+version that describes it (2 when it has neither), so that older readers take what they can."""
+READ_VERSIONS = (2, 3, 4)
 ENTROPY_CODERS = (None, "huffman", "ans")
 _SEP = "::"
 _MAX_DIM = 2**40
@@ -65,9 +72,10 @@ class PackedTensorInfo:
     shape: tuple[int, ...]
     dtype: str
     spec: QuantSpec | None
-    coding: str  # "raw", "bitpack", "huffman", "ans" or "tied to <name>"
+    coding: str  # "raw", "bitpack", "huffman", "ans", "tied to <name>" or "rebuilt"
     stored_bytes: int
     code_bits: float | None  # mean bits per weight of the codes (None for raw tensors)
+    rebuilt: str = ""  # left out of the file: why, and what rebuilds it at load
 
 
 @dataclass(frozen=True)
@@ -143,6 +151,7 @@ def write_packed(
     entropy: str | None = None,
     shadow: Mapping[str, torch.Tensor] | None = None,
     codes: Mapping[str, BucketCodes] | None = None,
+    rebuilt: Mapping[str, str] | None = None,
 ) -> int:
     """Write a packed model file from a state dict; returns its size in bytes.
 
@@ -158,6 +167,10 @@ def write_packed(
             checkpoint's shadow weights): codes are encoded from them, which grids whose
             points stop short of a bucket's ends (learned points) need.
         codes: codes already known (a model's quantizers give them), by name.
+        rebuilt: ``{name: why}`` for tensors of the state dict to leave out because the
+            loading side rebuilds them exactly (deterministic buffers): only their shape,
+            dtype and the reason are kept, and loading gives a ``meta`` placeholder. The
+            caller vouches for the rebuild; nothing here can check it.
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"write_packed takes a state dict, got {type(state_dict).__name__}")
@@ -176,6 +189,7 @@ def write_packed(
     unknown = sorted(set(specs) - set(tensors))
     if unknown:
         raise ValueError(f"specs name tensors that are not in the state dict: {unknown[:5]}")
+    rebuilt = _checked_rebuilt(rebuilt or {}, tensors, specs)
 
     payload: dict[str, np.ndarray] = {}
     entries: dict[str, dict] = {}
@@ -186,6 +200,18 @@ def write_packed(
             raise ValueError(f"tensor name {name!r} is empty or contains {_SEP!r} (reserved)")
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{name}: only tensors can be packed, got {type(value).__name__}")
+        if name in rebuilt:  # shape and dtype only: a placeholder from a loaded file will do
+            entries[name] = {
+                "rebuilt": rebuilt[name],
+                "shape": list(value.shape),
+                "dtype": _dtype_name(value.dtype),
+            }
+            continue
+        if value.is_meta:
+            raise ValueError(
+                f"{name}: a placeholder without data (a tensor rebuilt at load?): rebuild it "
+                "first, or list it in rebuilt"
+            )
         value = value.detach().cpu()
         key = _storage_key(value)
         if key in first_of_storage and value.numel():
@@ -217,9 +243,10 @@ def write_packed(
 
     coders = _store_codes(all_codes, specs, payload, entries, entropy)
     kernel_grid = any(specs[n].method == INT4_KERNEL for n in all_codes)
+    version = 4 if rebuilt else 3 if kernel_grid else 2
     header = {
         "format": FORMAT,
-        "version": str(VERSION if kernel_grid else 2),
+        "version": str(version),
         "tensors": _json(entries),
         "coders": _json(coders),
         "user": user,
@@ -227,6 +254,25 @@ def write_packed(
     header.update(_module_versions_field(state_dict))
     header["checksum"] = _checksum(header, payload)
     return _write_atomic(path, payload, header)
+
+
+def _checked_rebuilt(
+    rebuilt: Mapping[str, str], tensors: Mapping[str, object], specs: Mapping[str, QuantSpec]
+) -> dict[str, str]:
+    """The tensors to leave out, each a floating-point tensor of the state dict with a reason."""
+    if not isinstance(rebuilt, Mapping):
+        raise TypeError(f"rebuilt must map tensor names to reasons, got {type(rebuilt).__name__}")
+    for name, why in rebuilt.items():
+        if name not in tensors:
+            raise ValueError(f"rebuilt names {name!r}, which is not in the state dict")
+        if name in specs:
+            raise ValueError(f"{name}: either quantized (specs) or rebuilt at load, not both")
+        if not isinstance(why, str) or not why.strip():
+            raise ValueError(f"{name}: say why it is rebuilt at load (a non-empty string)")
+        value = tensors[name]
+        if not isinstance(value, torch.Tensor) or _dtype_name(value.dtype) not in _DTYPES:
+            raise ValueError(f"{name}: only floating-point tensors can be rebuilt at load")
+    return dict(rebuilt)
 
 
 def _checked_versions(pairs: Iterable[tuple[object, object]]) -> dict[str, dict]:
@@ -356,14 +402,15 @@ class _Entry:
     """One validated tensor entry of the metadata."""
 
     name: str
-    kind: str  # "tied", "raw" or "quantized"
+    kind: str  # "tied", "raw", "quantized" or "rebuilt"
     target: str = ""  # tied: the tensor it shares
-    dtype: str = ""  # raw: the stored dtype; quantized: the decoded one
+    dtype: str = ""  # raw: the stored dtype; quantized: the decoded one; rebuilt: its dtype
     shape: tuple[int, ...] = ()
     spec: QuantSpec | None = None
     coding: str = ""  # quantized: one of _CODINGS
     coder: str = ""  # entropy-coded: the key of its coder
     code_bits: int = 0  # entropy-coded: its share of the stream, for reports
+    why: str = ""  # rebuilt: why it was left out, and what rebuilds it
 
     @property
     def numel(self) -> int:
@@ -518,6 +565,18 @@ def _entry(name: object, value: object) -> _Entry:
     if "raw" in value:
         _fields(name, value, {"raw"})
         return _Entry(name, "raw", dtype=_str(value["raw"], f"{name}: raw dtype"))
+    if "rebuilt" in value:
+        _fields(name, value, {"rebuilt", "shape", "dtype"})
+        shape = _shape(name, value.get("shape"))
+        if math.prod(shape) > _MAX_DIM:
+            raise PackedFormatError(f"{name}: a rebuilt tensor of {math.prod(shape)} values")
+        dtype = value.get("dtype")
+        if dtype not in _DTYPES:
+            raise PackedFormatError(
+                f"{name}: dtype must be one of {sorted(_DTYPES)}, got {_show(dtype)}"
+            )
+        why = _str(value["rebuilt"], f"{name}: rebuilt")
+        return _Entry(name, "rebuilt", dtype=dtype, shape=shape, why=why)
     coded = value.get("coding") in ("huffman", "ans")
     _fields(
         name,
@@ -624,13 +683,18 @@ def _layout(header: Mapping[str, str], payload: Mapping) -> tuple[dict, dict, di
     for e in entries.values():
         if e.kind == "tied":
             target = entries.get(e.target)
-            if target is None or target.kind == "tied":
-                what = "missing" if target is None else "itself tied"
+            if target is None or target.kind in ("tied", "rebuilt"):
+                what = "missing" if target is None else f"itself {target.kind}"
                 what = "itself" if e.target == e.name else f"{e.target!r}, which is {what}"
                 raise PackedFormatError(f"{e.name} is tied to {what}")
         elif e.kind == "raw":
             _raw_array(e, payload)
             expected.add(e.name)
+        elif e.kind == "rebuilt":
+            if header.get("version") in ("2", "3"):
+                raise PackedFormatError(
+                    f"{e.name}: a tensor rebuilt at load in a version-{header['version']} file"
+                )
         else:
             if e.spec.method == INT4_KERNEL and header.get("version") == "2":
                 raise PackedFormatError(f"{e.name}: an int4_kernel tensor in a version-2 file")
@@ -755,6 +819,8 @@ def _load(payload: Mapping, header: Mapping) -> tuple[dict, dict]:
         elif entry.kind == "quantized":
             state[name] = _quantized_tensor(entry, payload, pooled)
             pooled.pop(name, None)  # its codes are no longer needed
+        elif entry.kind == "rebuilt":  # no data: the adapter that loads the model fills it
+            state[name] = torch.empty(entry.shape, dtype=_DTYPES[entry.dtype], device="meta")
     for name, entry in entries.items():
         if entry.kind == "tied":
             state[name] = state[entry.target]
@@ -776,8 +842,10 @@ def _guarded(path: object, work):
 
 def load_packed(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a packed file: the state dict (quantized tensors decoded exactly to the values the
-    model was evaluated with; tied tensors shared again; an OrderedDict with the ``_metadata``
-    module versions of the state dict it was written from) and the user metadata.
+    model was evaluated with; tied tensors shared again; tensors left out to be rebuilt at load
+    as ``meta`` placeholders of their shape and dtype, ``tensor.is_meta``, which the framework
+    adapter fills; an OrderedDict with the ``_metadata`` module versions of the state dict it
+    was written from) and the user metadata.
 
     Raises :class:`PackedFormatError` (saying what is wrong) for any file that is not a
     valid packed file, and ``FileNotFoundError`` for a missing one."""
@@ -900,6 +968,12 @@ def _info_rows(payload: Mapping, entries: Mapping[str, _Entry]) -> list[PackedTe
             rows.append(
                 PackedTensorInfo(
                     name, tuple(array.shape), entry.dtype, None, "raw", int(array.nbytes), None
+                )
+            )
+        elif entry.kind == "rebuilt":
+            rows.append(
+                PackedTensorInfo(
+                    name, entry.shape, entry.dtype, None, "rebuilt", 0, None, rebuilt=entry.why
                 )
             )
         else:

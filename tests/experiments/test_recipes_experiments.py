@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import QDISTILL
 
-from compressor import load_packed
+from compressor import load_packed, packed_info
 from recipes.experiments import RecipeError, list_recipes, load_recipe, run_recipe
 
 
@@ -41,6 +41,7 @@ def test_cifar10_smoke_writes_every_configuration_and_resumes(cifar10_dir, tmp_p
         "qd_2",
         "qd_4",
         "qd_8",
+        "qd_4_kernel",
         "dq_2",
         "dq_4",
         "qkd_w4a4",
@@ -57,6 +58,9 @@ def test_cifar10_smoke_writes_every_configuration_and_resumes(cifar10_dir, tmp_p
         coded, _ = load_packed(ans)
         assert plain.keys() == coded.keys()
         assert all(torch.equal(plain[k], coded[k]) for k in plain), name
+    # The kernel-grid row: its Linear weights on the int4 kernel's grid, convolutions not.
+    methods = {i.spec.method for i in packed_info(tmp_path / "work" / "qd_4_kernel.qd") if i.spec}
+    assert methods == {"uniform", "int4_kernel"}
     pm_bytes = [rows[f"pm_{bits}"]["packed_bytes"] for bits in (2, 4, 8)]
     assert pm_bytes == sorted(pm_bytes) and len(set(pm_bytes)) == 3
     saved = json.loads((tmp_path / "result.json").read_text())
