@@ -1,10 +1,13 @@
-"""`make demo`: compress a CIFAR-10 classifier end to end on the sample bundled with the project.
+"""`make demo-vision`: compress the CIFAR-10 classifier that ships with qdistill.
 
-Trains a ResNet-18 teacher, distils it into 4-bit and 2-bit ShuffleNet-v2 (x0.5) students
-by quantized distillation, builds the post-training (PM) baselines, and reports accuracy
-against the real size in bytes of every file. Each stage is skipped when its output exists,
-so an interrupted demo resumes. It runs at toy scale (1,000 training images, a few epochs) so
-that it finishes in minutes on two CPU cores: the accuracies are low, the file sizes are real.
+The teacher is the shipped ShuffleNet-v2 x1.0 (``vision_plugin/pretrained/``), written out as
+the checkpoint a user would have. The demo evaluates it, builds the post-training (PM) 4-bit
+and 2-bit baselines of it, and trains 4-bit and 2-bit students of the same architecture by
+quantized distillation, started from the teacher's weights. It reports accuracy against the
+real size in bytes of every file. Each stage is skipped when its output exists, so an
+interrupted demo resumes. It runs at demo scale so that it finishes in minutes on two CPU
+cores: the students train on the 1,000-image sample bundled in ``vision_plugin/demo_data`` for
+a few epochs, and every model is tested on its 2,000-image test sample.
 
     python -m vision_plugin.demo --output-dir demo_out
 """
@@ -17,67 +20,79 @@ import sys
 import time
 from pathlib import Path
 
-from compressor.format.files import atomic_write, atomic_write_text
+from compressor.format.files import (
+    CheckpointError,
+    OutputError,
+    atomic_write,
+    atomic_write_text,
+    written_by,
+)
+from vision_plugin import pretrained
 from vision_plugin.train import run
 
 SAMPLE = Path(__file__).resolve().parent / "demo_data"
-TEACHER = ["--model", "resnet18", "--cifar-stem"]
-STUDENT = ["--model", "shufflenet_v2_x0_5", "--cifar-stem"]
+SHIPPED = pretrained.CIFAR10_SHUFFLENET
+ARCH = "shufflenet_v2_x1_0"
+EPOCHS = {4: 4, 2: 8}  # per bit width: 2 bits needs longer to recover from the teacher
+BATCH = 64
+SAMPLE_TRAIN, SAMPLE_TEST = 1000, 2000  # images in the bundled sample
+LR = 0.01  # fine-tuning from trained weights: a tenth of the teacher's starting rate
 
 
-def stages(out: Path, epochs: int) -> list[tuple[str, str, list[str]]]:
-    teacher_ckpt = str(out / "teacher" / "checkpoint.pth")
-    student_ckpt = str(out / "student_fp32_distilled" / "checkpoint.pth")
-    distil = ["--teacher", "resnet18", "--teacher-checkpoint", teacher_ckpt]
-    train = ["--epochs", str(epochs)]
-    fp32 = ["--full-precision", *train]
-    post = ["--student-checkpoint", student_ckpt, "--post-training-only"]
-    return [
-        ("teacher", "ResNet-18 teacher, fp32", [*TEACHER, *fp32]),
-        ("student_fp32", "ShuffleNet student, fp32, labels only", [*STUDENT, *fp32]),
-        (
-            "student_fp32_distilled",
-            "ShuffleNet student, fp32, distilled",
-            [*STUDENT, *distil, *fp32],
-        ),
-        (
-            "qd_4bit",
-            "quantized distillation, 4-bit",
-            [*STUDENT, *distil, "--quant-bits", "4", *train],
-        ),
-        (
-            "qd_2bit",
-            "quantized distillation, 2-bit",
-            [*STUDENT, *distil, "--quant-bits", "2", *train],
-        ),
-        (
-            "pm_4bit",
-            "post-training (PM) 4-bit of the distilled student",
-            [*STUDENT, *post, "--quant-bits", "4"],
-        ),
-        (
-            "pm_2bit",
-            "post-training (PM) 2-bit of the distilled student",
-            [*STUDENT, *post, "--quant-bits", "2"],
-        ),
-    ]
+def stages(out: Path, epochs: dict[int, int]) -> list[tuple[str, str, list[str]]]:
+    """(folder, label, vision_plugin.train arguments) of every stage, in the report's order;
+    ``epochs`` maps bits to the epochs of that quantized-distillation student."""
+    teacher = str(out / "teacher.pth")
+    model = ["--model", ARCH, "--cifar-stem", "--student-checkpoint", teacher]
+    post = [*model, "--post-training-only"]
+    distil = [*model, "--teacher", ARCH, "--teacher-checkpoint", teacher]
+    rows = [("teacher", "shipped teacher, fp32", [*post, "--full-precision"])]
+    for bits in (4, 2):
+        rows += [
+            (f"pm_{bits}bit", f"PM {bits}-bit of the teacher", [*post, "--quant-bits", str(bits)]),
+            (
+                f"qd_{bits}bit",
+                f"quantized distillation, {bits}-bit",
+                [*distil, "--quant-bits", str(bits), "--epochs", str(epochs[bits])],
+            ),
+        ]
+    return rows
 
 
 def file_bytes(summary: dict) -> int:
     return summary.get("packed_bytes") or summary["student_fp32_bytes"]
 
 
-def report(out: Path, rows: list[tuple[str, str, dict]]) -> str:
-    teacher_bytes = file_bytes(rows[0][2])
+def _shipped() -> tuple[int, str]:
+    """Bytes of the shipped fp16 file, and a line on where the teacher came from."""
+    size = (SHIPPED / pretrained.WEIGHTS).stat().st_size
+    card = pretrained.card(SHIPPED)
+    line = (
+        f"The teacher is the classifier that ships with qdistill ({card['model']} with the CIFAR "
+        f"stem, `vision_plugin/pretrained/{SHIPPED.name}`): trained by our own recipe for "
+        f"{card['epochs']['total']} epochs on one shared CPU core, "
+        f"{card['test']['fp32']['acc1']:.2f}% Acc@1 on the full 10,000-image CIFAR-10 test set, "
+        "still underfit (issue 18 asked for 85%). It ships as fp16 safetensors of "
+        f"{size:,} bytes; the demo rebuilds the fp32 checkpoint a user would have."
+    )
+    return size, line
+
+
+def report(out: Path, rows: list[tuple[str, str, dict]], scale: str | None = None) -> str:
+    """Write REPORT.md and accuracy_vs_bytes.png into ``out``; the table as text."""
+    teacher = rows[0][2]
+    teacher_bytes = file_bytes(teacher)
+    shipped_bytes, origin = _shipped()
     lines = [
-        "| model | Acc@1 % | file | bytes | smaller than the teacher |",
-        "|---|---|---|---|---|",
+        "| model | Acc@1 % | vs teacher | file | bytes | smaller than fp32 | than shipped fp16 |",
+        "|---|---:|---:|---|---:|---:|---:|",
     ]
     for _name, label, s in rows:
         kind = "packed .qd" if "packed_bytes" in s else "fp32 safetensors"
+        size = file_bytes(s)
         lines.append(
-            f"| {label} | {s['acc1']:.1f} | {kind} | {file_bytes(s):,} | "
-            f"{teacher_bytes / file_bytes(s):.1f}x |"
+            f"| {label} | {s['acc1']:.2f} | {s['acc1'] - teacher['acc1']:+.2f} | {kind} | "
+            f"{size:,} | {teacher_bytes / size:.1f}x | {shipped_bytes / size:.1f}x |"
         )
     table = "\n".join(lines)
     import matplotlib
@@ -93,17 +108,18 @@ def report(out: Path, rows: list[tuple[str, str, dict]]) -> str:
         )
     ax.set_xscale("log")
     ax.set_xlabel("file size in bytes (log scale)")
-    ax.set_ylabel("CIFAR-10 sample accuracy (%)")
+    ax.set_ylabel("Acc@1 on the CIFAR-10 test sample (%)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_write(out / "accuracy_vs_bytes.png", "wb") as handle:
         fig.savefig(handle, format="png", dpi=120)
     plt.close(fig)
     text = (
-        "# qdistill demo: compressing a CIFAR-10 classifier\n\n"
-        "Scale: the 1,000-image training and 300-image test sample bundled in "
-        "`vision_plugin/demo_data`, a few epochs on a CPU. Accuracies at this scale are low and "
-        "noisy (30 test images per class); the file sizes are the real bytes of each file.\n\n"
+        "# qdistill demo: compressing a trained CIFAR-10 classifier\n\n"
+        f"{origin}\n\n"
+        f"Scale: {scale or 'demo scale'}. The accuracies are measured on the test sample, so "
+        "they differ from the full-test-set figure above; the file sizes are the real bytes of "
+        "each file.\n\n"
         f"{table}\n\n![accuracy against bytes](accuracy_vs_bytes.png)\n"
     )
     atomic_write_text(out / "REPORT.md", text)
@@ -115,12 +131,26 @@ def make_sample(root: Path) -> None:
     import numpy as np
 
     rng = np.random.default_rng(0)
-    for split, count in (("train", 1000), ("test", 300)):
+    for split, count in (("train", SAMPLE_TRAIN), ("test", SAMPLE_TEST)):
         with np.load(root / f"{split}.npz") as npz:
             labels = npz["labels"]
             chosen = np.sort(rng.permutation(len(labels))[:count])
             with atomic_write(SAMPLE / f"{split}.npz", "wb") as handle:
                 np.savez_compressed(handle, images=npz["images"][chosen], labels=labels[chosen])
+
+
+def write_teacher(out: Path) -> Path:
+    """The shipped classifier as the user's checkpoint ``teacher.pth`` (kept when the demo
+    wrote it already; a file of anyone else there is refused, not replaced)."""
+    path = out / "teacher.pth"
+    if not (path.exists() or path.is_symlink()):
+        return pretrained.write_checkpoint(SHIPPED, path)
+    if path.is_file() and written_by(path) == pretrained.COMMAND:
+        return path
+    raise OutputError(
+        f"{path} exists and is not the teacher this demo writes; move it or choose another "
+        "--output-dir"
+    )
 
 
 def _error(message: str) -> int:
@@ -131,8 +161,15 @@ def _error(message: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="demo_out")
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        help=f"epochs of both QD students (default: {EPOCHS[4]} at 4 bits, {EPOCHS[2]} at 2)",
+    )
     parser.add_argument("--make-sample", metavar="CIFAR10_DIR", help="rebuild the bundled sample")
+    # For the tests: a smaller run on part of the sample.
+    parser.add_argument("--max-train-samples", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--max-val-samples", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.make_sample:
         source = Path(args.make_sample)
@@ -142,23 +179,46 @@ def main(argv: list[str] | None = None) -> int:
         make_sample(source)
         return 0
     out = Path(args.output_dir)
-    if args.epochs < 1:
+    if args.epochs is not None and args.epochs < 1:
         return _error(f"--epochs must be 1 or more, got {args.epochs}")
     if out.exists() and not out.is_dir():
         return _error(f"--output-dir {out} is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
+        teacher = write_teacher(out)
     except OSError as exc:
-        return _error(f"cannot create --output-dir {out}: {exc.strerror}")
-    common = ["--data-path", str(SAMPLE), "-b", "32", "--lr", "0.05", "--quiet"]
+        return _error(f"cannot write in --output-dir {out}: {exc.strerror or exc}")
+    except (CheckpointError, OutputError) as exc:
+        return _error(str(exc))
+    common = ["--data-path", str(SAMPLE), "-b", str(BATCH), "--lr", str(LR), "--quiet"]
+    limits = {
+        "--max-train-samples": args.max_train_samples,
+        "--max-val-samples": args.max_val_samples,
+    }
+    for flag, value in limits.items():
+        if value is not None:
+            common += [flag, str(value)]
+    train_images = min(args.max_train_samples or SAMPLE_TRAIN, SAMPLE_TRAIN)
+    test_images = min(args.max_val_samples or SAMPLE_TEST, SAMPLE_TEST)
+    epochs = {bits: args.epochs or count for bits, count in EPOCHS.items()}
+    scale = (
+        f"the quantized-distillation students trained {epochs[4]} (4-bit) and {epochs[2]} "
+        f"(2-bit) epochs from the teacher's weights on {train_images:,} CIFAR-10 training "
+        f"images (batch {BATCH}, lr {LR}, cosine schedule), every model tested on "
+        f"{test_images:,} test images (one image is {100 / test_images:.2f} points), on a CPU"
+    )
+    print(f"teacher: {SHIPPED.name}, written as {teacher}")
+    print(f"scale: {scale}", flush=True)
+    plan = stages(out, epochs)
     rows = []
     start = time.time()
-    for number, (name, label, extra) in enumerate(stages(out, args.epochs), 1):
+    for number, (name, label, extra) in enumerate(plan, 1):
         summary_path = out / name / "summary.json"
         if summary_path.exists():
-            print(f"[{number}/7] {label}: done already ({summary_path})")
+            print(f"[{number}/{len(plan)}] {label}: done already ({summary_path})")
         else:
-            print(f"[{number}/7] {label} ...", flush=True)
+            print(f"[{number}/{len(plan)}] {label} ...", flush=True)
+            began = time.time()
             # The stage folders are the demo's own: an interrupted stage resumes from its last
             # checkpoint, or starts again over the files of its unfinished run.
             resume = out / name / "checkpoint.pth"
@@ -166,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
             code = run([*common, *extra, *again, "--force", "--output-dir", str(out / name)])
             if code:
                 return code
+            print(f"[{number}/{len(plan)}] {label}: {time.time() - began:.0f} s", flush=True)
         rows.append((name, label, json.loads(summary_path.read_text())))
-    table = report(out, rows)
+    table = report(out, rows, scale)
     print(
         f"\n{table}\n\nwrote {out / 'REPORT.md'} and {out / 'accuracy_vs_bytes.png'} "
         f"({time.time() - start:.0f} s)"
