@@ -2,7 +2,9 @@
 
 Runs the ``multi30k`` recipe (the stock OpenNMT-py tools with the plugin: a 2-layer LSTM
 teacher, 1-layer students by quantized distillation and differentiable quantization, a
-full-precision student, PM teachers) in ``benchmarks/work/recipes/multi30k``, where every
+full-precision student, PM teachers, and the sequence-level distillation students
+``student_seqkd4``/``student_seqkd4_wkd`` trained on the teacher's beam-5 translations of the
+training source) in ``benchmarks/work/recipes/multi30k``, where every
 trained model and the evaluation are cached, so a stopped run resumes; then copies the result
 to ``benchmarks/results/translation.json``, which later runs reuse while the recipe's
 parameters stay the same. The ``long`` experiment (``benchmarks/configs/multi30k-long.yaml``)
@@ -42,6 +44,7 @@ def run_experiment(experiment: str, scale: str = "cpu", rerun: bool = False) -> 
         == recipe.parameters(scale)
     ):
         print(f"{recipe.name} {scale}: cached in {RESULTS / f'{result_name}.json'}", flush=True)
+        print_seqkd(cached["rows"])
         return cached
     work = WORK / recipe.name
     result = run_recipe(recipe, scale, work)
@@ -49,7 +52,29 @@ def run_experiment(experiment: str, scale: str = "cpu", rerun: bool = False) -> 
     atomic_write_json(RESULTS / f"{result_name}.json", result)
     if plot:
         atomic_write_bytes(HERE / plot, (work / "work" / "bleu_vs_size.png").read_bytes())
+    print_seqkd(result["rows"])
     return result
+
+
+def print_seqkd(rows: list[dict]) -> None:
+    """The sequence-level distillation rows beside student_qd4 (their word-level twin trained
+    on the references) and what translating the training corpus cost; nothing without them."""
+    seqkd = next((r["seqkd"] for r in rows if r.get("seqkd")), None)
+    if not seqkd:
+        return
+    print(
+        f"teacher's beam-{seqkd['beam_size']} translation of {seqkd['lines']:,} training "
+        f"sentences: {seqkd['seconds']:,.0f} s",
+        flush=True,
+    )
+    for r in rows:
+        if r["name"] in ("teacher", "student_qd4") or r.get("seqkd"):
+            beam = f", beam {r['beam_size']} {r['bleu_beam']:.2f}" if "bleu_beam" in r else ""
+            print(
+                f"  {r['name']:<20} BLEU greedy {r['bleu']:.2f}{beam}, chrF {r['chrf']:.2f}, "
+                f"ppl/word {r['ppl_word']:.2f}, {r['bytes']:,} bytes",
+                flush=True,
+            )
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

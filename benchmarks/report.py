@@ -128,7 +128,8 @@ def _translation_section(lines: list[str]) -> None:
         f"Multi30k de-en, {result['scale']} scale: sentencepiece {p['vocab_size']} pieces per "
         f"language, {p.get('teacher_layers', 2)}-layer LSTM teacher ({p['hidden_size']} units, "
         f"{p['teacher_steps']} steps), 1-layer students started from its first layers "
-        f"({p['student_steps']} steps), test_2016_flickr, greedy decoding. Machine: "
+        f"({p['student_steps']} steps), test_2016_flickr, greedy decoding (and beam search "
+        "where a column says so). Machine: "
         f"{env['processor']}, {env['cpu_count']} cores, OpenNMT-py {env.get('OpenNMT-py')}. "
         "Tokens/s include `onmt_translate` start-up (a lower bound).\n"
     )
@@ -136,6 +137,7 @@ def _translation_section(lines: list[str]) -> None:
     lines.extend(_translation_table(rows))
     by_name = {r["name"]: r for r in rows}
     lines.append("")
+    lines.extend(_seqkd_notes(rows, p))
     lines.append(f"BLEU signature: `{rows[0]['extra'].get('bleu_signature', '')}`\n")
     if {"teacher", "student_qd4"} <= by_name.keys():
         gap = by_name["teacher"]["bleu"] - by_name["student_qd4"]["bleu"]
@@ -186,18 +188,52 @@ def _bucket_section(lines: list[str]) -> None:
 
 def _translation_table(rows: list[dict]) -> list[str]:
     ans = any(r.get("bytes_ans") for r in rows)
-    head = "| model | bytes | vs teacher | BLEU | chrF | ppl/word | tokens/s | agreement |"
-    out = [head + (" ans bytes |" if ans else ""), "|---|" + "---:|" * (7 + ans)]
+    # BLEU and chrF with beam search too, where the run decoded some models that way (seqkd)
+    beam = next((r["beam_size"] for r in rows if r.get("beam_size")), None)
+    head = "| model | bytes | vs teacher | BLEU | chrF |"
+    head += f" BLEU beam {beam} | chrF beam {beam} |" if beam else ""
+    head += " ppl/word | tokens/s | agreement |"
+    out = [head + (" ans bytes |" if ans else ""), "|---|" + "---:|" * (7 + 2 * bool(beam) + ans)]
     for r in rows:
+        beam_cells = ""
+        if beam:
+            beam_cells = (
+                f" {r['bleu_beam']:.2f} | {r['chrf_beam']:.2f} |"
+                if "bleu_beam" in r
+                else " - | - |"
+            )
         line = (
             f"| {r['name']} | {r['bytes']:,} | {r['compression']:.2f}x | {r['bleu']:.2f} | "
-            f"{r['chrf']:.2f} | {r['ppl_word']:.2f} | {r['tokens_per_s']:.0f} | "
+            f"{r['chrf']:.2f} |{beam_cells} {r['ppl_word']:.2f} | {r['tokens_per_s']:.0f} | "
             f"{r['agreement_bleu']:.1f} |"
         )
         if ans:
             line += f" {r['bytes_ans']:,} |" if r.get("bytes_ans") else " - |"
         out.append(line)
     return out
+
+
+def _seqkd_notes(rows: list[dict], parameters: dict) -> list[str]:
+    """The sequence-level distillation rows: what they are and what translating the training
+    corpus with the teacher cost (none without them)."""
+    seqkd = next((r["seqkd"] for r in rows if r.get("seqkd")), None)
+    if not seqkd:
+        return []
+    beam = next((r["beam_size"] for r in rows if r.get("beam_size")), None)
+    resumed = f", {seqkd['reused_chunks']} chunks reused" if seqkd.get("reused_chunks") else ""
+    text = (
+        "**Sequence-level distillation** (Kim and Rush, 2016): the teacher translated the "
+        f"{seqkd['lines']:,} training sentences with beam {seqkd['beam_size']} "
+        f"(`qdistill onmt-seqkd`) in {seqkd['seconds']:,.0f} s ({seqkd['seconds'] / 60:.1f} min)"
+        f"{resumed}. "
+        "student_seqkd4 and student_seqkd4_wkd are 4-bit students started and trained like "
+        "student_qd4 (same steps and seed) on those translations instead of the references: "
+        "student_seqkd4 on them alone (distill_alpha 0), student_seqkd4_wkd with word-level "
+        f"distillation on top (distill_alpha {parameters.get('distill_alpha', 0.7):g})."
+    )
+    if beam:
+        text += f" BLEU/chrF beam {beam}: the same models decoded with beam search."
+    return [text, ""]
 
 
 def _translation_long(lines: list[str], main_steps: int, fp32_student: int | None) -> None:

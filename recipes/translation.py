@@ -6,7 +6,9 @@ transform, so translations come out detokenized), ``onmt_build_vocab``, a full-p
 or transformer teacher (``onmt_train``), a shallower student started from the teacher's layers
 (``qdistill shrink onmt``) and trained by ``onmt_train --quantized_distill``, the post-training
 quantized teacher (``qdistill onmt-quantize``, the paper's PM baseline), packed files
-(``qdistill pack``) and ``qdistill onmt-eval`` of every model on the test set.
+(``qdistill pack``) and ``qdistill onmt-eval`` of every model on the test set. With ``seqkd``
+the teacher also translates the training source (``qdistill onmt-seqkd``) and two more 4-bit
+students learn from those translations (sequence-level distillation, Kim and Rush 2016).
 
 Every step writes its output under ``work_dir`` atomically and is skipped when the output is
 there; an interrupted ``onmt_train`` continues from its last checkpoint. The Multi30k demo
@@ -21,7 +23,8 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,6 +35,7 @@ from compressor.format.files import (
     atomic_save,
     atomic_write,
     atomic_write_bytes,
+    atomic_write_json,
     atomic_write_text,
     load_checkpoint,
 )
@@ -86,6 +90,15 @@ class TranslationScale:
     quant_grid: str = "minmax"
     distill_alpha: float = 0.7
     distill_temperature: float = 1.0
+    # sequence-level distillation: the teacher translates the training source with this beam
+    # (qdistill onmt-seqkd) and two 4-bit students train on its translations like student_qd4,
+    # student_seqkd4 on those alone (-distill_alpha 0), student_seqkd4_wkd with word-level
+    # distillation on top (distill_alpha, Kim and Rush's best setting)
+    seqkd: bool = False
+    seqkd_beam: int = 5
+    # with seqkd: the teacher, student_qd4 and the seqkd students are also decoded with this
+    # beam (BLEU and chrF beside the greedy ones); 1: greedy only
+    eval_beam: int = 5
     threads: int = 2
     gpu: bool = False  # train on GPU 0 (evaluation stays on the CPU, where students deploy)
     seed: int = 1
@@ -405,6 +418,85 @@ def strip_optimizer(source: Path, target: Path) -> Path:
     return target
 
 
+def distill_options(
+    scale: TranslationScale,
+    teacher: Path,
+    bits: int,
+    method: str = "uniform",
+    alpha: float | None = None,
+    top_k: int = 0,
+    grid: str = "minmax",
+) -> list[str]:
+    """The plugin's ``onmt_train`` options of one quantized-distillation student; ``alpha``
+    defaults to the scale's ``distill_alpha``."""
+    return [
+        "-quantized_distill",
+        "-teacher_model",
+        str(teacher),
+        "-quant_bits",
+        str(bits),
+        "-quant_method",
+        method,
+        "-quant_bucket_size",
+        str(scale.bucket_size),
+        "-distill_alpha",
+        str(scale.distill_alpha if alpha is None else alpha),
+        "-distill_topk",
+        str(top_k),
+        "-distill_temperature",
+        str(scale.distill_temperature),
+        "-quant_grid",
+        grid,
+    ]
+
+
+def translate_corpus(
+    teacher: Path, files: Mapping[str, Path], scale: TranslationScale, work: Path
+) -> dict:
+    """The teacher's beam-search translations of the training source, ``data/train.seqkd.tgt``
+    (``qdistill onmt-seqkd``, which resumes chunk by chunk after a kill), and what they cost,
+    kept in ``seqkd.json`` (written last: it marks the step done)."""
+    from onmt_plugin.seqkd import MANIFEST, work_folder
+
+    target = work / "data" / "train.seqkd.tgt"
+    record_path = work / "seqkd.json"
+    if record_path.exists() and target.exists():
+        return json.loads(record_path.read_text())
+    started = time.perf_counter()
+    if not target.exists():  # else finished by a run killed before it wrote the record
+        _qdistill(
+            "onmt-seqkd",
+            "--teacher",
+            teacher,
+            "--src",
+            files["train.src"],
+            "-o",
+            target,
+            "--beam-size",
+            scale.seqkd_beam,
+            "--threads",
+            scale.threads,
+            "--src-subword-model",
+            work / "spm.src.model",
+            "--tgt-subword-model",
+            work / "spm.tgt.model",
+        )
+    wall = time.perf_counter() - started
+    output = json.loads((work_folder(target) / MANIFEST).read_text())["output"]
+    record = {
+        "path": str(target),
+        "beam_size": scale.seqkd_beam,
+        "lines": output["lines"],
+        # onmt_translate's time on the chunks this run translated (a resumed run reuses some)
+        "seconds": output["translate_seconds"],
+        "translated_chunks": output["translated_chunks"],
+        "reused_chunks": output["reused_chunks"],
+        "wall_seconds": round(wall, 1),
+    }
+    atomic_write_json(record_path, record)
+    return record
+
+
 def _qdistill(*args: str) -> None:
     from compressor.cli import main
 
@@ -512,28 +604,38 @@ def run(
             f"quantized distillation{cached}, {scale.student_steps} steps",
             flush=True,
         )
-        distill = [
-            "-quantized_distill",
-            "-teacher_model",
-            str(teacher),
-            "-quant_bits",
-            str(bits),
-            "-quant_method",
-            method,
-            "-quant_bucket_size",
-            str(scale.bucket_size),
-            "-distill_alpha",
-            str(scale.distill_alpha),
-            "-distill_topk",
-            str(top_k),
-            "-distill_temperature",
-            str(scale.distill_temperature),
-            "-quant_grid",
-            grid,
-            *from_teacher,
-        ]
-        ckpt = train(student_config, work, name, scale.student_steps, scale.threads, distill)
+        distill = distill_options(scale, teacher, bits, method, top_k=top_k, grid=grid)
+        ckpt = train(
+            student_config, work, name, scale.student_steps, scale.threads, distill + from_teacher
+        )
         models[name] = _pack(ckpt, work / f"{name}.qd", entropy_coded)
+
+    seqkd_models: dict[str, Path] = {}
+    seqkd = None
+    if scale.seqkd:
+        print(
+            f"[5/{steps}] the teacher translates the {counts['train.src']:,} training sentences "
+            f"(beam {scale.seqkd_beam}, qdistill onmt-seqkd)",
+            flush=True,
+        )
+        seqkd = translate_corpus(teacher, files, scale, work)
+        print(f"    {seqkd['lines']:,} lines, {seqkd['seconds']:.0f} s", flush=True)
+        # the teacher's translations as the target side; validation stays on the references
+        data = {**student_config["data"]}
+        data["corpus_1"] = {**data["corpus_1"], "path_tgt": seqkd["path"]}
+        seqkd_config = {**student_config, "data": data}
+        for name, alpha in (("student_seqkd4", 0.0), ("student_seqkd4_wkd", scale.distill_alpha)):
+            print(
+                f"[5/{steps}] {name}: {describe(scale.model, scale.hidden_size, enc, dec)} 4-bit "
+                f"student on the teacher's translations, distill_alpha {alpha:g}, "
+                f"{scale.student_steps} steps",
+                flush=True,
+            )
+            distill = distill_options(scale, teacher, 4, alpha=alpha, grid=scale.quant_grid)
+            ckpt = train(
+                seqkd_config, work, name, scale.student_steps, scale.threads, distill + from_teacher
+            )
+            seqkd_models[name] = _pack(ckpt, work / f"{name}.qd", entropy_coded)
 
     print(f"[6/{steps}] post-training quantization of the teacher (PM)", flush=True)
     for bits in scale.pm_bits:
@@ -543,32 +645,26 @@ def run(
         models[f"teacher_pm{bits}"] = _pack(pm, work / f"teacher_pm{bits}.qd", entropy_coded)
 
     print(f"[7/{steps}] onmt-eval on {counts['test.src']:,} test sentences", flush=True)
-    result_json = work / "eval.json"
     fp32_paths = []  # each kernel-grid student once more, through the fp32 path
     for name in on_kernel:
         models[f"{name}_fp32path"] = models[name]
-        fp32_paths += ["--fp32", f"{name}_fp32path"]
-    if not result_json.exists():
-        _qdistill(
-            "onmt-eval",
-            *(f"{name}={path}" for name, path in models.items()),
-            *fp32_paths,
-            "--src",
-            files["test.src"],
-            "--ref",
-            files["test.tgt"],
-            "--src-subword-model",
-            work / "spm.src.model",
-            "--tgt-subword-model",
-            work / "spm.tgt.model",
-            "--baseline",
-            "teacher",
-            "--teacher",
-            "teacher",
-            "--json",
-            result_json,
-        )
-    rows = json.loads(result_json.read_text())
+        fp32_paths.append(f"{name}_fp32path")
+    models.update(seqkd_models)
+    rows = evaluate(models, files, work, work / "eval.json", fp32_paths)
+    for row in rows:
+        if row["name"] in seqkd_models:
+            row["seqkd"] = seqkd  # the corpus translation they were trained on
+    if seqkd_models and scale.eval_beam > 1:
+        beam = {k: v for k, v in models.items() if k in ("teacher", "student_qd4", *seqkd_models)}
+        beam_json = work / f"eval_beam{scale.eval_beam}.json"
+        by_name = {
+            r["name"]: r for r in evaluate(beam, files, work, beam_json, beam=scale.eval_beam)
+        }
+        for row in rows:
+            if row["name"] in by_name:
+                row["beam_size"] = scale.eval_beam
+                row["bleu_beam"] = by_name[row["name"]]["bleu"]
+                row["chrf_beam"] = by_name[row["name"]]["chrf"]
     for row in rows:  # the same weights with their codes entropy-coded, where it could be done
         if row["name"] in entropy_coded:
             row["bytes_ans"] = entropy_coded[row["name"]].stat().st_size
@@ -577,8 +673,72 @@ def run(
     result = {"scale": asdict(scale), "corpus": str(corpus.directory), "counts": counts}
     result["existing_teacher"] = None if existing is None else str(existing)
     result["rows"] = rows
+    result["seqkd"] = seqkd
     write_report(result, work)
     return result
+
+
+def evaluate(
+    models: Mapping[str, Path],
+    files: Mapping[str, Path],
+    work: Path,
+    result_json: Path,
+    fp32: Sequence[str] = (),
+    beam: int = 1,
+) -> list[dict]:
+    """The ``qdistill onmt-eval`` rows of ``models`` on the test set, kept in ``result_json``.
+    Models that an evaluation already there lacks (added to the run after it, like the seqkd
+    students of an earlier run) are evaluated on their own, with the teacher again as the
+    baseline of sizes and the reference of agreement, into ``*_added.json``: the evaluation
+    of the others is kept, not redone. ``fp32``: names run on the fp32 path."""
+    if not result_json.exists():
+        _onmt_eval(models, files, work, result_json, fp32, beam)
+    rows = json.loads(result_json.read_text())
+    missing = [name for name in models if name not in {row["name"] for row in rows}]
+    if missing:
+        added = result_json.with_name(f"{result_json.stem}_added.json")
+        done = json.loads(added.read_text()) if added.exists() else []
+        if not set(missing) <= {row["name"] for row in done}:  # none yet, or of fewer models
+            wanted = {"teacher": models["teacher"], **{name: models[name] for name in missing}}
+            _onmt_eval(wanted, files, work, added, fp32, beam, force=True)
+            done = json.loads(added.read_text())
+        rows += [row for row in done if row["name"] in missing]
+    return rows
+
+
+def _onmt_eval(
+    models: Mapping[str, Path],
+    files: Mapping[str, Path],
+    work: Path,
+    result_json: Path,
+    fp32: Sequence[str],
+    beam: int,
+    force: bool = False,
+) -> None:
+    """One ``qdistill onmt-eval`` run, the teacher as the baseline and the agreement reference."""
+    fp32_flags = [flag for name in fp32 if name in models for flag in ("--fp32", name)]
+    _qdistill(
+        "onmt-eval",
+        *(f"{name}={path}" for name, path in models.items()),
+        *fp32_flags,
+        *(["--force"] if force else []),
+        "--src",
+        files["test.src"],
+        "--ref",
+        files["test.tgt"],
+        "--src-subword-model",
+        work / "spm.src.model",
+        "--tgt-subword-model",
+        work / "spm.tgt.model",
+        "--beam-size",
+        beam,
+        "--baseline",
+        "teacher",
+        "--teacher",
+        "teacher",
+        "--json",
+        result_json,
+    )
 
 
 def _pack(checkpoint: Path, packed: Path, entropy_coded: dict[str, Path]) -> Path:
@@ -592,6 +752,28 @@ def _pack(checkpoint: Path, packed: Path, entropy_coded: dict[str, Path]) -> Pat
             _qdistill("pack", checkpoint, "-o", coded, "--entropy", "ans")
         entropy_coded[packed.stem] = coded
     return packed
+
+
+def seqkd_notes(seqkd: dict | None, scale: Mapping, beam: int | None) -> list[str]:
+    """What the sequence-level distillation rows are and what the teacher's translations of
+    the training source cost (a paragraph of the report; none without them)."""
+    if not seqkd:
+        return []
+    resumed = f", {seqkd['reused_chunks']} chunks reused" if seqkd.get("reused_chunks") else ""
+    beam_note = (
+        f" BLEU/chrF beam {beam}: the same models decoded with beam search of size {beam}."
+        if beam
+        else ""
+    )
+    return [
+        "student_seqkd4*: sequence-level distillation (Kim and Rush, 2016). The teacher "
+        f"translated the {seqkd['lines']:,} training sentences with beam {seqkd['beam_size']} "
+        f"(`qdistill onmt-seqkd`) in {seqkd['seconds']:,.0f} s{resumed}; 4-bit students, "
+        "started and trained like student_qd4, learned from those translations instead of the "
+        "references: student_seqkd4 from them alone (distill_alpha 0), student_seqkd4_wkd with "
+        f"word-level distillation on top (distill_alpha {scale['distill_alpha']:g})." + beam_note,
+        "",
+    ]
 
 
 def write_report(result: dict, work: Path) -> None:
@@ -650,23 +832,30 @@ def write_report(result: dict, work: Path) -> None:
             "scale the teacher is far from converged, and the students continue training from "
             "its layers, so a student can score above its teacher.",
         ]
+    beam = next((row["beam_size"] for row in rows if row.get("beam_size")), None)
+    beam_head = f" BLEU beam {beam} | chrF beam {beam} |" if beam else ""
     lines = [
         f"# Quantized distillation on {Path(result['corpus']).name} ({scale['name']} scale)",
         "",
         *about,
         "",
-        "| model | file bytes | compression | BLEU | chrF | ppl/word | agreement | path "
-        "| decoding tokens/s | peak RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "| model | file bytes | compression | BLEU | chrF |" + beam_head + " ppl/word "
+        "| agreement | path | decoding tokens/s | peak RSS MiB |",
+        "|---|---:|---:|---:|---:|" + "---:|" * (2 if beam else 0) + "---:|---:|---|---:|---:|",
     ]
 
     def cell(value: object, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
     for row in rows:
+        beam_cells = (
+            f"| {cell(row.get('bleu_beam'), '.2f')} | {cell(row.get('chrf_beam'), '.2f')} "
+            if beam
+            else ""
+        )
         lines.append(
             f"| {row['name']} | {row['bytes']:,} | {cell(row['compression'], '.2f')}x "
-            f"| {cell(row['bleu'], '.2f')} | {cell(row['chrf'], '.2f')} "
+            f"| {cell(row['bleu'], '.2f')} | {cell(row['chrf'], '.2f')} {beam_cells}"
             f"| {cell(row['ppl_word'], '.2f')} | {cell(row['agreement_bleu'], '.1f')} "
             f"| {row.get('runtime', 'fp32')} | {cell(row.get('decode_tokens_per_s'), '.0f')} "
             f"| {cell(row.get('peak_rss_mib'), '.0f')} |"
@@ -680,6 +869,7 @@ def write_report(result: dict, work: Path) -> None:
         "ppl/word: perplexity of the references per word (whitespace-separated, plus one end of "
         "sentence per line). Agreement: BLEU of a model's output against the teacher's output.",
         "",
+        *seqkd_notes(result.get("seqkd"), scale, beam),
         *(
             f"{row['name']} with its codes entropy-coded (`qdistill pack --entropy ans`, the "
             f"same weights): {row['bytes_ans']:,} bytes"

@@ -88,10 +88,12 @@ def test_translation_recipe_smoke(name, data, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
     rows = {r["name"]: r for r in result["rows"]}
-    assert set(rows) == {"teacher", "student_qd4", "teacher_pm4"}
+    # multi30k's smoke scale also runs sequence-level distillation (toy-ende's does not)
+    seqkd = ("student_seqkd4", "student_seqkd4_wkd") if name == "multi30k" else ()
+    assert set(rows) == {"teacher", "student_qd4", "teacher_pm4", *seqkd}
     assert rows["student_qd4"]["bytes"] == (tmp_path / "work" / "student_qd4.qd").stat().st_size
     assert rows["teacher_pm4"]["bytes"] < rows["teacher"]["bytes"]
-    for packed in ("student_qd4", "teacher_pm4"):  # also entropy-coded: the same weights
+    for packed in ("student_qd4", "teacher_pm4", *seqkd):  # also entropy-coded: the same weights
         ans = tmp_path / "work" / f"{packed}.ans.qd"
         assert rows[packed]["bytes_ans"] == ans.stat().st_size
         plain, _ = load_packed(tmp_path / "work" / f"{packed}.qd")
@@ -101,6 +103,18 @@ def test_translation_recipe_smoke(name, data, tmp_path):
     assert "teacher" in rows and "bytes_ans" not in rows["teacher"]
     assert all(r["bleu"] is not None and r["ppl_word"] > 1 for r in rows.values())
     assert all(r["agreement_bleu"] is not None and r["compression"] for r in rows.values())
+    if seqkd:
+        work = tmp_path / "work"
+        train_src = (work / "data" / "train.src").read_text().splitlines()
+        assert len((work / "data" / "train.seqkd.tgt").read_text().splitlines()) == len(train_src)
+        for packed in seqkd:  # trained on the teacher's translations, references for validation
+            config = (work / f"{packed}.yaml").read_text()
+            assert "train.seqkd.tgt" in config and "valid.tgt" in config
+            assert rows[packed]["seqkd"]["lines"] == len(train_src)
+            assert rows[packed]["seqkd"]["seconds"] >= 0
+        assert "-distill_alpha 0.0 " in (work / "student_seqkd4.log").read_text()
+        assert "-distill_alpha 0.7 " in (work / "student_seqkd4_wkd.log").read_text()
+        assert "translated the 300 training sentences" in (work / "report.md").read_text()
     assert (tmp_path / "work" / "report.md").exists()
     assert (tmp_path / "work" / "bleu_vs_size.png").stat().st_size > 1000
     # Everything is there: a second run only reads it back.
