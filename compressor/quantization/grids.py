@@ -132,14 +132,24 @@ def _uniform_codes(
     generator: torch.Generator | None,
 ) -> torch.Tensor:
     """Float codes in [0, 2^b - 1] for each weight (not yet cast to an integer type)."""
+    return _rounded_steps(rows, lo, scale, rounding, generator).clamp_(0, 2**bits - 1)
+
+
+def _rounded_steps(
+    rows: torch.Tensor,
+    origin: torch.Tensor,
+    scale: torch.Tensor,
+    rounding: str,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """``(rows - origin) / scale`` rounded to whole steps (nearest or stochastic), unclamped;
+    a bucket of scale 0 gives 0."""
     inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-    codes = (rows - lo).mul_(inv)
+    steps = (rows - origin).mul_(inv)
     if rounding == "nearest":
-        codes.round_()
-    else:
-        noise = torch.rand(codes.shape, generator=generator, device=codes.device)
-        codes.add_(noise).floor_()
-    return codes.clamp_(0, 2**bits - 1)
+        return steps.round_()
+    noise = torch.rand(steps.shape, generator=generator, device=steps.device)
+    return steps.add_(noise).floor_()
 
 
 def _check_rounding(rounding: str) -> None:
@@ -455,14 +465,7 @@ def _kernel_codes(
     generator: torch.Generator | None,
 ) -> torch.Tensor:
     """Float codes in [0, 15] (not yet cast to an integer type)."""
-    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-    codes = (rows - zero).mul_(inv)
-    if rounding == "nearest":
-        codes.round_()
-    else:
-        noise = torch.rand(codes.shape, generator=generator, device=codes.device)
-        codes.add_(noise).floor_()
-    return codes.add_(8.0).clamp_(0, 15)
+    return _rounded_steps(rows, zero, scale, rounding, generator).add_(8.0).clamp_(0, 15)
 
 
 def _kernel_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
