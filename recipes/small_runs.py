@@ -207,7 +207,12 @@ def run_quantized_distillation(
     """Quantized distillation of a fresh student; ``grid="int4_kernel"`` (4 bits) trains its
     2-D weights on the int4 kernel's grid (convolutions keep the min-max grid)."""
     model = student(cfg)
-    compressor.quantize_(model, compressor.QuantConfig(bits=bits, grid=grid)).to(cfg.device)
+    bucket = 256  # the min-max rows' size; the kernel grid needs groups that divide K
+    if grid == "int4_kernel":
+        k = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].in_features
+        bucket = max((g for g in compressor.KERNEL_GROUP_SIZES if k % g == 0), default=bucket)
+    config = compressor.QuantConfig(bits=bits, bucket_size=bucket, grid=grid)
+    compressor.quantize_(model, config).to(cfg.device)
     label = f"QD {bits}-bit" + (", int4 kernel grid" if grid == "int4_kernel" else "")
     history = _train(model, teacher, data, cfg, cfg.steps, cfg.alpha, label, table)
     return compressor.materialize_(model), history
