@@ -6,6 +6,7 @@ from benchmarks import (
     bench_bucket,
     bench_cifar,
     bench_inference,
+    bench_int4,
     bench_packed,
     bench_quantizer,
     bench_topk,
@@ -26,6 +27,7 @@ def main() -> None:
     bench_topk.main([])
     bench_inference.main([])
     bench_torchvision.main([])
+    bench_int4.main([])  # trains its own CPU-scale teacher the first time (about 1.5 hours)
     report.main()
 
 
