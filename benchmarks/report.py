@@ -10,6 +10,7 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS
 from compressor.format.files import atomic_write, atomic_write_text
+from recipes import cifar
 
 HERE = Path(__file__).resolve().parent
 
@@ -20,7 +21,9 @@ def _load(path: Path) -> dict | None:
 
 def _cifar_section(lines: list[str]) -> None:
     rows = [json.loads(p.read_text()) for p in sorted((RESULTS / "cifar").glob("*.json"))]
-    rows = [r for r in rows if "accuracy" in r]
+    # The ablation has its own section; its W4A4 QKD row stands in the table for all of it.
+    ablation = set(cifar.QKD_ABLATION) - {"qkd_w4a4"}
+    rows = [r for r in rows if "accuracy" in r and r["name"] not in ablation]
     if not rows:
         lines.append("_No CIFAR-10 results yet: run `python -m benchmarks.bench_cifar`._\n")
         return
@@ -58,6 +61,107 @@ def _cifar_section(lines: list[str]) -> None:
     lines.extend(_cifar_goals(by_name))
     _cifar_plot(rows)
     lines.append("![CIFAR-10 accuracy against file size](cifar_accuracy_vs_bytes.png)\n")
+
+
+def _mean_se(values: list[float]) -> tuple[float, float | None]:
+    """Mean and standard error (None from one value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, (variance / len(values)) ** 0.5
+
+
+def _pm(mean: float, se: float | None, n: int) -> str:
+    return f"{mean:.2f} ± {se:.2f} (n={n})" if se is not None else f"{mean:.2f} (n=1)"
+
+
+def _qkd_section(lines: list[str]) -> None:
+    """QKD against QAT and QAT with a frozen teacher's distillation, at each bit width: same
+    quantizers, steps, batches and seeds (``recipes.cifar.QKD_ABLATION``)."""
+    results = {}
+    for name in (*cifar.QKD_ABLATION, "teacher", "student_fp32"):
+        r = _load(RESULTS / "cifar" / f"{name}.json")
+        if r is not None and (name in ("teacher", "student_fp32") or r.get("settings")):
+            results[name] = r
+    if not any(n in results for n in cifar.QKD_ABLATION):
+        lines.append(
+            "_No QKD ablation yet: run `python -m benchmarks.bench_cifar --only qkd-ablation`._\n"
+        )
+        return
+    some = next(results[n] for n in cifar.QKD_ABLATION if n in results)
+    cfg = some["config"]
+    phases = "/".join(str(p) for p in _qkd_phases(results))
+    lines.append(
+        f"Every row fine-tunes the same trained fp32 student for {cfg['steps']} steps of batch "
+        f"{cfg['batch_size']} (all phases counted), weights and activations on LSQ quantizers "
+        "(first and last layer in full precision), same batches per seed, same optimizer and "
+        f"learning-rate schedule; distillation at T={cfg['temperature']}, alpha={cfg['alpha']}. "
+        f"QKD splits the steps {phases} (self-studying / co-studying / tutoring). Seeds change "
+        "the order of the batches. Reference: teacher "
+        + ", fp32 student ".join(
+            f"{results[n]['accuracy']:.2f}%" for n in ("teacher", "student_fp32") if n in results
+        )
+        + ". Command: `python -m benchmarks.bench_cifar --only qkd-ablation --workers 2`.\n"
+    )
+    lines.append(
+        "| W/A bits | QAT, labels only | QAT + frozen-teacher KD | QKD | QKD minus the better "
+        "other (paired by seed) | packed bytes | train s (QAT / +KD / QKD) | teacher after "
+        "co-studying |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|")
+    verdicts = []
+    for bits in cifar.ABLATION_BITS:
+        by_method = {}
+        for method in ("qat", "qat_kd", "qkd"):
+            by_method[method] = {
+                seed: results[name]
+                for seed in cifar.ABLATION_SEEDS[bits]
+                if (name := cifar.ablation_name(method, bits, seed)) in results
+            }
+        if not all(by_method.values()):
+            continue
+        cells = {
+            m: _mean_se([r["accuracy"] for r in runs.values()]) for m, runs in by_method.items()
+        }
+        rival = max(("qat", "qat_kd"), key=lambda m: cells[m][0])
+        seeds = sorted(set(by_method["qkd"]) & set(by_method[rival]))
+        gap, gap_se = _mean_se(
+            [by_method["qkd"][s]["accuracy"] - by_method[rival][s]["accuracy"] for s in seeds]
+        )
+        times = " / ".join(
+            f"{sum(r['train_s'] for r in runs.values()) / len(runs):.0f}"
+            for runs in by_method.values()
+        )
+        teacher_after = _mean_se(
+            [r["co_studied_teacher_accuracy"] for r in by_method["qkd"].values()]
+        )[0]
+        teacher_before = next(iter(by_method["qkd"].values()))["teacher_accuracy"]
+        lines.append(
+            f"| W{bits}A{bits} | "
+            + " | ".join(_pm(*cells[m], len(by_method[m])) for m in ("qat", "qat_kd", "qkd"))
+            + f" | {_pm(gap, gap_se, len(seeds))} | "
+            f"{next(iter(by_method['qkd'].values()))['packed_bytes']:,} | {times} | "
+            f"{teacher_before:.2f} -> {teacher_after:.2f} |"
+        )
+        rival_name = {"qat": "QAT", "qat_kd": "QAT + KD"}[rival]
+        won = "beat both other rows" if gap > 0 else "did not beat the better other row"
+        spread = f" ± {gap_se:.2f} (one standard error)" if gap_se is not None else ""
+        verdict = f"- W{bits}A{bits}: QKD {won} ({rival_name}) by {gap:+.2f}{spread} points"
+        if bits in (3, 2):
+            verdict += f"; goal +0.5: {'met' if gap >= 0.5 else 'MISSED'}"
+        verdicts.append(verdict)
+    lines.append("")
+    lines.extend(verdicts)
+    lines.append("")
+
+
+def _qkd_phases(results: dict) -> list[int]:
+    """The QKD rows' phase lengths (all rows share them)."""
+    for name in cifar.QKD_ABLATION:
+        if name in results and "phases" in results[name]:
+            return list(results[name]["phases"].values())
+    return list(cifar.runs.QKD_PHASES)
 
 
 def _goal(text: str, value: float, target: float, met: bool) -> str:
@@ -459,6 +563,8 @@ def main() -> Path:
     )
     lines.append("## CIFAR-10\n")
     _cifar_section(lines)
+    lines.append("### QKD ablation\n")
+    _qkd_section(lines)
     _bucket_section(lines)
     lines.append("## Multi30k de-en\n")
     _translation_section(lines)

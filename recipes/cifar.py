@@ -2,11 +2,13 @@
 
 Teacher; the shallower, narrower student in full precision with and without distillation; PM
 2/4/8-bit; quantized distillation 2/4/8-bit; differentiable quantization 2/4-bit with bit
-allocation (a budget of code bits, and the paper's budget of points); QKD W4A4. Every
-configuration writes ``{out_dir}/{name}.json`` (accuracy, packed and fp32 file bytes,
-configuration, versions, machine) atomically and is skipped when that file exists with the
-same configuration, so a stopped run resumes; trained models are kept under ``work_dir`` and
-reused by the configurations that start from them.
+allocation (a budget of code bits, and the paper's budget of points); and QKD's ablation
+(:data:`QKD_ABLATION`): at W4A4, W3A3 and W2A2, plain QAT, QAT with a frozen teacher's
+distillation loss, and QKD's three phases, on the same quantizers, steps and batches, with
+extra seeds at W2A2. Every configuration writes ``{out_dir}/{name}.json`` (accuracy, packed
+and fp32 file bytes, configuration, versions, machine) atomically and is skipped when that
+file exists with the same configuration, so a stopped run resumes; trained models are kept
+under ``work_dir`` and reused by the configurations that start from them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -34,6 +36,21 @@ from compressor.format.files import (
 from compressor.format.packed import entropy_ans_available
 from recipes import small_runs as runs
 
+ABLATION_BITS = (4, 3, 2)
+ABLATION_SEEDS = {4: (0,), 3: (0,), 2: (0, 1, 2)}  # the gaps are widest at W2A2
+
+
+def ablation_name(method: str, bits: int, seed: int = 0) -> str:
+    """``qat_w3a3``, ``qat_kd_w2a2_seed1``, ``qkd_w4a4``: a row of the QKD ablation."""
+    return f"{method}_w{bits}a{bits}" + (f"_seed{seed}" if seed else "")
+
+
+QKD_ABLATION = tuple(
+    ablation_name(method, bits, seed)
+    for bits in ABLATION_BITS
+    for seed in ABLATION_SEEDS[bits]
+    for method in runs.WA_METHODS
+)
 CONFIGURATIONS = (
     "teacher",
     "student_fp32",
@@ -47,9 +64,9 @@ CONFIGURATIONS = (
     "qd_4_kernel",
     "dq_2",
     "dq_4",
-    "qkd_w4a4",
     "dq_2_points",
     "dq_4_points",
+    *QKD_ABLATION,
 )
 
 
@@ -64,7 +81,27 @@ def _fp32_bytes(model: nn.Module, path: Path) -> int:
     )
 
 
-def _cached_result(path: Path) -> dict | None:
+def cached_result(cfg: runs.SmallRunConfig, out_dir: str | os.PathLike, name: str) -> dict | None:
+    """The result of configuration ``name`` that :func:`run` wrote to ``out_dir``, if it was
+    run with these parameters and settings; None when it must be (re)done."""
+    cached = _read_result(Path(out_dir) / f"{name}.json")
+    if cached is None or cached["config"] != asdict(cfg):
+        return None
+    return cached if cached.get("settings") == _settings(name) else None
+
+
+def starts_from(name: str) -> tuple[str, ...]:
+    """The trained models (teacher, full-precision students) configuration ``name`` needs."""
+    if name in ("teacher", "student_fp32"):
+        return (name,)
+    if name in QKD_ABLATION:
+        return ("teacher", "student_fp32")
+    if name == "student_fp32_distilled" or name.startswith(("pm_", "dq_")):
+        return ("teacher", "student_fp32_distilled")
+    return ("teacher",)
+
+
+def _read_result(path: Path) -> dict | None:
     """A configuration's earlier result, or None (absent, or unreadable: then redone)."""
     if not path.exists():
         return None
@@ -141,9 +178,55 @@ def trained_model(
     return _Models(cfg, data, Path(work_dir)).get(name)
 
 
-def _jobs(models: _Models) -> dict[str, tuple[str, int | None, Callable[[], nn.Module]]]:
+# A configuration: its method, bits, and what trains it (a model, or a model and the figures
+# the run measured besides accuracy, which replace those that :func:`run` measures).
+Job = tuple[str, int | None, Callable[[], nn.Module | tuple[nn.Module, dict]]]
+
+
+def _settings(name: str) -> dict | None:
+    """What a configuration's cached result must have been run with besides the recipe's
+    parameters (None for the rows whose settings live in the code alone)."""
+    if name not in QKD_ABLATION:
+        return None
+    method, _, rest = name.rpartition("_w")
+    bits = int(rest.split("a")[0])
+    settings = {
+        "method": method,
+        "bits": bits,
+        "act_bits": bits,
+        "seed": int(rest.partition("_seed")[2] or 0),
+        "init": "student_fp32",
+        "quantizers": "lsq, first and last layers in full precision",
+    }
+    if method == "qkd":
+        settings["phases"] = list(runs.QKD_PHASES)
+    return settings
+
+
+def _ablation_jobs(models: _Models) -> dict[str, Job]:
     cfg, data = models.cfg, models.data
-    jobs: dict[str, tuple[str, int | None, Callable[[], nn.Module]]] = {
+    label = {"qat": "QAT, labels only", "qat_kd": "QAT + frozen-teacher KD", "qkd": "QKD"}
+    jobs: dict[str, Job] = {}
+    for name in QKD_ABLATION:
+        settings = _settings(name)
+        method, bits, seed = settings["method"], settings["bits"], settings["seed"]
+
+        def make(method=method, bits=bits, seed=seed, init=settings["init"]):
+            teacher, start, table = models.get("teacher"), models.get(init), models.teacher_logits()
+            began = time.perf_counter()  # the row's own training, not the models it shares
+            model, info = runs.run_wa_quantization(
+                data, replace(cfg, seed=cfg.seed + seed), teacher, start, bits, method, table=table
+            )
+            info.pop("history")
+            return model, {"train_s": time.perf_counter() - began, **info}
+
+        jobs[name] = (f"{label[method]} W{bits}A{bits}", bits, make)
+    return jobs
+
+
+def _jobs(models: _Models) -> dict[str, Job]:
+    cfg, data = models.cfg, models.data
+    jobs: dict[str, Job] = {
         "teacher": ("teacher fp32", None, lambda: models.get("teacher")),
         "student_fp32": ("student fp32", None, lambda: models.get("student_fp32")),
         "student_fp32_distilled": (
@@ -190,13 +273,7 @@ def _jobs(models: _Models) -> dict[str, tuple[str, int | None, Callable[[], nn.M
                     models.teacher_logits(),
                 )[0],
             )
-    jobs["qkd_w4a4"] = (
-        "QKD W4A4",
-        4,
-        lambda: runs.run_qkd(
-            data, cfg, models.get("teacher"), init=models.get("student_fp32_distilled")
-        )[0],
-    )
+    jobs.update(_ablation_jobs(models))
     return jobs
 
 
@@ -223,13 +300,15 @@ def run(
     for name in configurations:
         method, bits, make = jobs[name]
         path = out / f"{name}.json"
-        cached = _cached_result(path)
-        if cached is not None and cached["config"] == asdict(cfg):
+        cached = cached_result(cfg, out, name)
+        settings = _settings(name)
+        if cached is not None:
             print(f"  {name:<26} cached: {cached['accuracy']:.2f}%", flush=True)
             results.append(cached)
             continue
         start = time.perf_counter()
-        model = make()
+        made = make()
+        model, measured = made if isinstance(made, tuple) else (made, {})
         accuracy = runs.accuracy(model, data)
         model = copy.deepcopy(model).cpu()  # the cached teacher and students stay put
         quantized = bool(compressor.quantization_specs(model))
@@ -250,6 +329,8 @@ def run(
             "fp32_bytes": _fp32_bytes(model, work / f"{name}.fp32.safetensors"),
             "train_s": time.perf_counter() - start,
             "config": asdict(cfg),
+            **({"settings": settings} if settings else {}),
+            **measured,
         }
         if environment is not None:
             result["environment"] = environment()

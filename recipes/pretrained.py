@@ -30,9 +30,9 @@ from recipes.experiments import load_recipe
 from recipes.translation import (
     Corpus,
     TranslationScale,
-    _qdistill,
     base_config,
     build_vocab,
+    onmt_eval,
     prepare_data,
     strip_optimizer,
     train,
@@ -75,22 +75,7 @@ def evaluate(models: dict[str, Path], work: Path, beam: int, count: int | None =
         src, ref = work / f"test.src.{count}", work / f"test.tgt.{count}"
     result = work / f"eval.beam{beam}.{count or 'all'}.json"
     if not result.exists():
-        _qdistill(
-            "onmt-eval",
-            *(f"{name}={path}" for name, path in models.items()),
-            "--src",
-            src,
-            "--ref",
-            ref,
-            "--src-subword-model",
-            work / "spm.src.model",
-            "--tgt-subword-model",
-            work / "spm.tgt.model",
-            "--beam-size",
-            beam,
-            "--json",
-            result,
-        )
+        onmt_eval(models, {"test.src": src, "test.tgt": ref}, work, result, beam, baseline=None)
     return {row["name"]: row for row in json.loads(result.read_text())}
 
 

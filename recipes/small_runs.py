@@ -255,6 +255,100 @@ def run_differentiable_quantization(
     return compressor.materialize_(model), points
 
 
+# The QKD ablation: one low-bit network (weights and activations on LSQ quantizers) trained
+# three ways on the same budget. QKD's phases split it 1:1:2 (self-studying, co-studying,
+# tutoring): the paper trains its tutoring phase longest; it does not give proportions for a
+# fixed budget, so this is our reading.
+WA_METHODS = ("qat", "qat_kd", "qkd")
+QKD_PHASES = (1, 1, 2)
+
+
+def wa_student(
+    model: nn.Module, bits: int, act_bits: int, data: dict, cfg: SmallRunConfig
+) -> nn.Module:
+    """``model`` quantized in place to W{bits}A{act_bits} with LSQ quantizers, the first and
+    last layers left in full precision (as QIL and QKD do), the activation steps set from one
+    batch of training images."""
+    config = compressor.QuantConfig(
+        bits=bits, method="lsq", act_bits=act_bits, keep_first_last=True
+    )
+    compressor.quantize_(model, config).to(cfg.device)
+    model.eval()  # the batch sets the steps; it must not move the BatchNorm statistics
+    with torch.no_grad():
+        model(data["train_x"][: cfg.batch_size])
+    return model.train()
+
+
+def qkd_schedule(cfg: SmallRunConfig, phases: tuple[int, int, int] = QKD_PHASES) -> QKDSchedule:
+    """``cfg.steps`` split in the proportions ``phases``, tutoring taking what rounding leaves."""
+    first = cfg.steps * phases[0] // sum(phases)
+    second = cfg.steps * phases[1] // sum(phases)
+    return QKDSchedule(first, second, cfg.steps - first - second, cfg.temperature, cfg.alpha)
+
+
+def run_wa_quantization(
+    data: dict,
+    cfg: SmallRunConfig,
+    teacher: nn.Module,
+    init: nn.Module | None,
+    bits: int,
+    method: str = "qkd",
+    act_bits: int | None = None,
+    table: torch.Tensor | None = None,
+) -> tuple[nn.Module, dict]:
+    """Weights and activations quantized (:func:`wa_student`) and trained for ``cfg.steps``
+    steps, one of three ways: ``"qat"`` on the labels alone, ``"qat_kd"`` distilling from the
+    frozen teacher (``cfg.temperature``, ``cfg.alpha``), ``"qkd"`` the three phases
+    (:func:`qkd_schedule`) on a copy of the teacher. Every way starts from ``init`` (a trained
+    full-precision student, as QKD fine-tunes one; None: from scratch), sees the same batches
+    (``cfg.seed`` fixes their order) and the same optimizer and learning-rate schedule (a fifth
+    of ``cfg.lr`` with ``init``). Returns the materialized model and what the run measured:
+    the history, and for QKD its phases and the teacher's accuracy before and after
+    co-studying."""
+    if method not in WA_METHODS:
+        raise ValueError(f"method must be one of {WA_METHODS}, got {method!r}")
+    act_bits = bits if act_bits is None else act_bits
+    model = wa_student(
+        copy.deepcopy(init) if init is not None else student(cfg), bits, act_bits, data, cfg
+    )
+    lr = cfg.lr / 5 if init is not None else cfg.lr
+    optimizer, scheduler = _optimizer(model, replace(cfg, lr=lr), cfg.steps)
+    label = {"qat": "QAT", "qat_kd": "QAT + KD", "qkd": "QKD"}[method]
+    desc = f"{label} W{bits}A{act_bits}"
+    info: dict = {}
+    if method == "qkd":
+        tutor = copy.deepcopy(teacher)
+        schedule = qkd_schedule(cfg)
+        info["phases"] = {
+            "self_studying": schedule.self_studying_steps,
+            "co_studying": schedule.co_studying_steps,
+            "tutoring": schedule.tutoring_steps,
+        }
+        info["history"] = qkd_train(
+            model,
+            tutor,
+            progress(batches(data, cfg.batch_size, cfg.seed), cfg.steps, desc),
+            schedule,
+            optimizer,
+            torch.optim.SGD(tutor.parameters(), lr=cfg.lr / 10, momentum=0.9),
+            scheduler=scheduler,
+        )
+        info["teacher_accuracy"] = accuracy(teacher, data)
+        info["co_studied_teacher_accuracy"] = accuracy(tutor, data)
+    else:
+        ahead = None if method == "qat" else _logits(teacher, data, table)
+        info["history"] = quantized_distillation(
+            model,
+            None,
+            progress(batches(data, cfg.batch_size, cfg.seed, ahead), cfg.steps, desc),
+            optimizer,
+            cfg.steps,
+            DistillConfig(cfg.temperature, cfg.alpha),
+            scheduler=scheduler,
+        )
+    return compressor.materialize_(model), info
+
+
 def run_qkd(
     data: dict,
     cfg: SmallRunConfig,
@@ -263,29 +357,9 @@ def run_qkd(
     bits: int = 4,
     act_bits: int = 4,
 ) -> tuple[nn.Module, list[dict]]:
-    """QKD W{bits}A{act_bits}: the three phases, a third of the steps each, on a copy of the
-    teacher. As in QKD, the student starts from a trained full-precision model (``init``) and
-    is fine-tuned at a fifth of the learning rate; without ``init`` it starts from scratch."""
-    model = (copy.deepcopy(init) if init is not None else student(cfg)).train()
-    config = compressor.QuantConfig(bits=bits, method="lsq", act_bits=act_bits)
-    compressor.quantize_(model, config).to(cfg.device)
-    with torch.no_grad():  # initialise the activation steps from a batch
-        model(data["train_x"][: cfg.batch_size])
-    teacher = copy.deepcopy(teacher)
-    third = cfg.steps // 3
-    schedule = QKDSchedule(third, third, cfg.steps - 2 * third, cfg.temperature, cfg.alpha)
-    lr = cfg.lr / 5 if init is not None else cfg.lr
-    student_opt, _ = _optimizer(model, replace(cfg, lr=lr), cfg.steps)
-    teacher_opt = torch.optim.SGD(teacher.parameters(), lr=cfg.lr / 10, momentum=0.9)
-    history = qkd_train(
-        model,
-        teacher,
-        progress(batches(data, cfg.batch_size, cfg.seed), cfg.steps, f"QKD W{bits}A{act_bits}"),
-        schedule,
-        student_opt,
-        teacher_opt,
-    )
-    return compressor.materialize_(model), history
+    """QKD W{bits}A{act_bits} (:func:`run_wa_quantization`); returns the model and history."""
+    model, info = run_wa_quantization(data, cfg, teacher, init, bits, "qkd", act_bits)
+    return model, info["history"]
 
 
 def run_all(cfg: SmallRunConfig, root: Path | None = None) -> dict[str, float]:

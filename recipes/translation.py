@@ -692,7 +692,7 @@ def evaluate(
     baseline of sizes and the reference of agreement, into ``*_added.json``: the evaluation
     of the others is kept, not redone. ``fp32``: names run on the fp32 path."""
     if not result_json.exists():
-        _onmt_eval(models, files, work, result_json, fp32, beam)
+        onmt_eval(models, files, work, result_json, beam, fp32)
     rows = json.loads(result_json.read_text())
     missing = [name for name in models if name not in {row["name"] for row in rows}]
     if missing:
@@ -700,23 +700,27 @@ def evaluate(
         done = json.loads(added.read_text()) if added.exists() else []
         if not set(missing) <= {row["name"] for row in done}:  # none yet, or of fewer models
             wanted = {"teacher": models["teacher"], **{name: models[name] for name in missing}}
-            _onmt_eval(wanted, files, work, added, fp32, beam, force=True)
+            onmt_eval(wanted, files, work, added, beam, fp32, force=True)
             done = json.loads(added.read_text())
         rows += [row for row in done if row["name"] in missing]
     return rows
 
 
-def _onmt_eval(
+def onmt_eval(
     models: Mapping[str, Path],
     files: Mapping[str, Path],
     work: Path,
     result_json: Path,
-    fp32: Sequence[str],
     beam: int,
+    fp32: Sequence[str] = (),
+    baseline: str | None = "teacher",
     force: bool = False,
 ) -> None:
-    """One ``qdistill onmt-eval`` run, the teacher as the baseline and the agreement reference."""
+    """One ``qdistill onmt-eval`` run of ``models`` on ``files["test.src"]`` against
+    ``files["test.tgt"]`` with the sentencepiece models in ``work``; ``baseline`` (a model
+    name) is the size and speed baseline and the agreement reference."""
     fp32_flags = [flag for name in fp32 if name in models for flag in ("--fp32", name)]
+    baseline_flags = ["--baseline", baseline, "--teacher", baseline] if baseline else []
     _qdistill(
         "onmt-eval",
         *(f"{name}={path}" for name, path in models.items()),
@@ -732,10 +736,7 @@ def _onmt_eval(
         work / "spm.tgt.model",
         "--beam-size",
         beam,
-        "--baseline",
-        "teacher",
-        "--teacher",
-        "teacher",
+        *baseline_flags,
         "--json",
         result_json,
     )

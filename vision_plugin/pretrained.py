@@ -38,7 +38,7 @@ from compressor.format.files import (
     load_checkpoint,
     written_by,
 )
-from vision_plugin.data import CIFAR_MEAN, CIFAR_STD, DataError, _load_npz
+from vision_plugin.data import CIFAR_MEAN, CIFAR_STD, DataError, load_npz
 from vision_plugin.models import ModelError, build_model
 
 SHIPPED = Path(__file__).resolve().parent / "pretrained"
@@ -172,7 +172,7 @@ def write_checkpoint(
 def load_images(path: str | os.PathLike, count: int | None = None):
     """The first ``count`` images of a CIFAR-10 npz file as a normalized NCHW float tensor
     (what the evaluation transform gives), with their labels."""
-    images, labels = _load_npz(Path(path))
+    images, labels = load_npz(Path(path))
     images, labels = images[:count], labels[:count]
     mean = np.asarray(CIFAR_MEAN, dtype=np.float32)
     std = np.asarray(CIFAR_STD, dtype=np.float32)

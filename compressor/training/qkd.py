@@ -62,10 +62,12 @@ def qkd_train(
     forward: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     on_step: Callable[[int, dict], None] | None = None,
     label_smoothing: float = 0.0,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> list[dict]:
     """Run the three phases over ``(inputs, target)`` batches, each step through
     :func:`distill_step`; returns the per-step history (phase, student loss, and the teacher's
-    loss in co-studying)."""
+    loss in co-studying). ``scheduler`` steps the student's learning rate after every step,
+    across the phases, so that a comparison with one-phase training can share its schedule."""
     config = DistillConfig(schedule.temperature, schedule.alpha, label_smoothing=label_smoothing)
     history = []
     for step, (inputs, target) in zip(range(schedule.total_steps), cycle(batches)):
@@ -85,6 +87,8 @@ def qkd_train(
             forward,
             teacher_optimizer=teacher_optimizer if phase == "co-studying" else None,
         )
+        if scheduler is not None:
+            scheduler.step()
         record = {"phase": phase, "student_loss": result["loss"]}
         if "teacher_loss" in result:
             record["teacher_loss"] = result["teacher_loss"]

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import QDISTILL
 
 from compressor import load_packed, packed_info
+from recipes import cifar
 from recipes.experiments import RecipeError, list_recipes, load_recipe, run_recipe
 
 
@@ -27,7 +29,9 @@ def test_list_names_every_recipe_with_its_scales():
     assert "scales: cpu, paper" in done.stdout
 
 
-def test_cifar10_smoke_writes_every_configuration_and_resumes(cifar10_dir, tmp_path, capsys):
+def test_cifar10_smoke_writes_every_configuration_and_resumes(
+    cifar10_dir, tmp_path, capsys, monkeypatch
+):
     recipe = load_recipe("cifar10")
     result = run_recipe(recipe, "cpu", tmp_path, smoke=True, data_root=cifar10_dir.parent)
     rows = {r["name"]: r for r in result["rows"]}
@@ -44,11 +48,19 @@ def test_cifar10_smoke_writes_every_configuration_and_resumes(cifar10_dir, tmp_p
         "qd_4_kernel",
         "dq_2",
         "dq_4",
-        "qkd_w4a4",
         "dq_2_points",
         "dq_4_points",
+        *cifar.QKD_ABLATION,
     }
     assert rows["teacher"]["packed_bytes"] is None
+    # The ablation: every row says how it ran; W2A2 has three seeds, QKD its phases.
+    assert {"qat_w2a2_seed2", "qat_kd_w2a2_seed1", "qkd_w3a3", "qkd_w2a2_seed2"} <= set(rows)
+    for name in cifar.QKD_ABLATION:
+        assert rows[name]["settings"]["bits"] == rows[name]["bits"], name
+        assert 0 < rows[name]["packed_bytes"] < rows[name]["fp32_bytes"], name
+    assert rows["qkd_w2a2_seed1"]["settings"]["seed"] == 1
+    assert sum(rows["qkd_w2a2"]["phases"].values()) == 3
+    assert "co_studied_teacher_accuracy" in rows["qkd_w2a2"]
     for name in ("pm_2", "qd_4", "dq_2", "qkd_w4a4"):
         assert 0 < rows[name]["packed_bytes"] < rows[name]["fp32_bytes"], name
         assert (tmp_path / "work" / f"{name}.qd").stat().st_size == rows[name]["packed_bytes"]
@@ -69,12 +81,69 @@ def test_cifar10_smoke_writes_every_configuration_and_resumes(cifar10_dir, tmp_p
     # only those and gives the same figures.
     for name in ("qd_4", "qd_8", "dq_2", "dq_4", "qkd_w4a4"):
         (tmp_path / "results" / f"{name}.json").unlink()
+    # A result run with other settings (here: QKD's phases of an older version) is redone.
+    stale = tmp_path / "results" / "qkd_w3a3.json"
+    old = json.loads(stale.read_text())
+    old["settings"]["phases"] = [1, 1, 1]
+    stale.write_text(json.dumps(old))
     capsys.readouterr()
     again = run_recipe(recipe, "cpu", tmp_path, smoke=True, data_root=cifar10_dir.parent)
     log = capsys.readouterr().out
     assert "teacher                    cached" in log and "qd_2" in log
     assert "qd_4                       cached" not in log
+    assert (
+        "qkd_w3a3                   cached" not in log
+        and "qat_w3a3                   cached" in log
+    )
     assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in result["rows"]]
+    # The report's QKD section reads these results: one line per bit width, each with its
+    # verdict; W2A2 with three seeds has a standard error.
+    from benchmarks import report
+
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "cifar").symlink_to(tmp_path / "results")
+    monkeypatch.setattr(report, "RESULTS", tmp_path / "report")
+    lines = []
+    report._qkd_section(lines)
+    header = next(i for i, line in enumerate(lines) if line.startswith("| W/A bits"))
+    table = lines[header + 2 : lines.index("", header)]
+    assert [line.split(" |")[0] for line in table] == ["| W4A4", "| W3A3", "| W2A2"]
+    assert "(n=3)" in table[2] and "±" in table[2] and "(n=1)" in table[0]
+    verdicts = [line for line in lines if line.startswith("- W")]
+    assert len(verdicts) == 3 and all("goal +0.5" in v for v in verdicts[1:])
+
+
+def test_bench_cifar_shares_the_ablation_out_among_workers(cifar10_dir, tmp_path):
+    """``--workers 2``: the shared teacher and student are trained once, the rows run in two
+    one-thread processes, and a second run finds every row done."""
+    import os
+    import sys
+
+    def bench(*flags):
+        return subprocess.run(
+            [sys.executable, "-m", "benchmarks.bench_cifar", "--train-images", "256"]
+            + ["--test-images", "128", "--steps", "3", "--output-dir", str(tmp_path), *flags],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[2],
+            env={**os.environ, "QDISTILL_DATA": str(cifar10_dir.parent)},
+            timeout=300,
+        )
+
+    rows = ["qat_kd_w2a2", "qkd_w2a2"]
+    done = bench("--only", *rows, "--workers", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in rows:
+        result = json.loads((tmp_path / "cifar" / f"{name}.json").read_text())
+        assert result["settings"]["method"] == name.rpartition("_w")[0]
+    assert sorted(p.name for p in (tmp_path / "work").glob("*.pt")) == [
+        "student_fp32.pt",
+        "teacher.pt",
+    ]
+    again = bench("--only", *rows, "--workers", "2")
+    assert again.returncode == 0 and all(f"{n:<26} cached" in again.stdout for n in rows)
+    wrong = bench("--workers", "0")
+    assert wrong.returncode == 2 and "--workers must be 1 or more" in wrong.stderr
 
 
 @pytest.mark.parametrize("name, data", [("toy-ende", "toy-ende"), ("multi30k", "multi30k")])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -107,11 +108,43 @@ def test_qkd_w4a4(trained):
     data, teacher, distilled = trained
     teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
     model, history = small_runs.run_qkd(data, CONFIG, teacher, init=distilled)
-    assert {r["phase"] for r in history} == {"self-studying", "co-studying", "tutoring"}
-    assert len(compressor.activation_quantizers(model)) == 3  # still W4A4
+    phases = [r["phase"] for r in history]
+    assert [phases.count(p) for p in ("self-studying", "co-studying", "tutoring")] == [50, 50, 100]
+    # W4A4 between the first and last layers, which stay in full precision
+    quantized = compressor.quantization_specs(model)
+    assert list(quantized) == ["4.weight"] and quantized["4.weight"].bits == 4
+    assert len(compressor.activation_quantizers(model)) == 1
     assert small_runs.accuracy(model, data) > 3 * CHANCE
     for key, value in teacher.state_dict().items():  # the run trains a copy of the teacher
         assert torch.equal(value, teacher_state[key])
+
+
+def test_ablation_rows_share_init_batches_and_quantizers(trained):
+    """QAT, QAT + KD and QKD start from the same model on the same quantizers; with the
+    distillation weight at zero, QAT + KD is QAT step for step; QKD's co-studying moves its
+    copy of the teacher, and its report says by how much."""
+    data, teacher, distilled = trained
+    cfg = small_runs.SmallRunConfig(steps=24, train_images=3000, test_images=1000)
+    qat, _ = small_runs.run_wa_quantization(data, cfg, teacher, distilled, 2, "qat")
+    kd, _ = small_runs.run_wa_quantization(data, cfg, teacher, distilled, 2, "qat_kd")
+    no_kd, _ = small_runs.run_wa_quantization(
+        data, dataclasses.replace(cfg, alpha=0.0), teacher, distilled, 2, "qat_kd"
+    )
+    qkd, info = small_runs.run_wa_quantization(data, cfg, teacher, distilled, 2, "qkd")
+    for model in (qat, kd, qkd):
+        assert {s.bits for s in compressor.quantization_specs(model).values()} == {2}
+        assert [q.bits for q in compressor.activation_quantizers(model)] == [2]
+    assert all(
+        torch.equal(a, b) for a, b in zip(qat.state_dict().values(), no_kd.state_dict().values())
+    )
+    assert not all(
+        torch.equal(a, b) for a, b in zip(qat.state_dict().values(), kd.state_dict().values())
+    )
+    assert info["phases"] == {"self_studying": 6, "co_studying": 6, "tutoring": 12}
+    assert info["teacher_accuracy"] == small_runs.accuracy(teacher, data)
+    assert 0 < info["co_studied_teacher_accuracy"] <= 100
+    with pytest.raises(ValueError, match="method must be one of"):
+        small_runs.run_wa_quantization(data, cfg, teacher, distilled, 2, "lsq")
 
 
 def test_runs_are_deterministic(trained):

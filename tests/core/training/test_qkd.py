@@ -115,6 +115,34 @@ def test_each_phase_uses_its_loss():
     assert expected[2]["student_loss"] == pytest.approx(tutor, rel=1e-5)
 
 
+def test_tutoring_learns_from_the_co_studied_teacher():
+    """The teacher that tutors is the one co-studying changed, not the one passed in; the
+    student's learning-rate schedule steps once per step across all phases."""
+    data = _batches(4)
+    teacher, student = _mlp(0, 48), compressor.quantize_(_mlp(1), compressor.QuantConfig(bits=4))
+    original = copy.deepcopy(teacher)
+    student_opt = torch.optim.SGD(student.parameters(), lr=0.0)  # a fixed student
+    scheduler = torch.optim.lr_scheduler.LambdaLR(student_opt, lambda step: 1.0)
+    records = []
+    qkd_train(
+        student,
+        teacher,
+        data,
+        QKDSchedule(1, 2, 1, temperature=2.0, alpha=0.5),
+        student_opt,
+        torch.optim.SGD(teacher.parameters(), lr=0.5),
+        on_step=lambda step, record: records.append(record),
+        scheduler=scheduler,
+    )
+    assert scheduler.last_epoch == 4
+    x, y = data[3]
+    with torch.no_grad():
+        s, co_studied, before = student(x), teacher.eval()(x), original.eval()(x)
+    tutored = records[3]["student_loss"]
+    assert tutored == pytest.approx(distillation_loss(s, co_studied, y, 2.0, 0.5).item(), rel=1e-5)
+    assert tutored != pytest.approx(distillation_loss(s, before, y, 2.0, 0.5).item(), rel=1e-3)
+
+
 def test_schedule_validation():
     assert QKDSchedule(2, 3, 4).total_steps == 9
     assert [QKDSchedule(1, 1, 1).phase_of(i) for i in range(3)] == list(PHASES)
