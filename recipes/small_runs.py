@@ -295,6 +295,8 @@ def run_wa_quantization(
     method: str = "qkd",
     act_bits: int | None = None,
     table: torch.Tensor | None = None,
+    phases: tuple[int, int, int] = QKD_PHASES,
+    teacher_lr: float | None = None,
 ) -> tuple[nn.Module, dict]:
     """Weights and activations quantized (:func:`wa_student`) and trained for ``cfg.steps``
     steps, one of three ways: ``"qat"`` on the labels alone, ``"qat_kd"`` distilling from the
@@ -302,9 +304,10 @@ def run_wa_quantization(
     (:func:`qkd_schedule`) on a copy of the teacher. Every way starts from ``init`` (a trained
     full-precision student, as QKD fine-tunes one; None: from scratch), sees the same batches
     (``cfg.seed`` fixes their order) and the same optimizer and learning-rate schedule (a fifth
-    of ``cfg.lr`` with ``init``). Returns the materialized model and what the run measured:
-    the history, and for QKD its phases and the teacher's accuracy before and after
-    co-studying."""
+    of ``cfg.lr`` with ``init``). QKD's teacher learns at ``teacher_lr`` in co-studying (SGD
+    with momentum; default a tenth of ``cfg.lr``). Returns the materialized model and what the
+    run measured: the history, and for QKD its phases and the teacher's accuracy before and
+    after co-studying."""
     if method not in WA_METHODS:
         raise ValueError(f"method must be one of {WA_METHODS}, got {method!r}")
     act_bits = bits if act_bits is None else act_bits
@@ -318,7 +321,7 @@ def run_wa_quantization(
     info: dict = {}
     if method == "qkd":
         tutor = copy.deepcopy(teacher)
-        schedule = qkd_schedule(cfg)
+        schedule = qkd_schedule(cfg, phases)
         info["phases"] = {
             "self_studying": schedule.self_studying_steps,
             "co_studying": schedule.co_studying_steps,
@@ -330,7 +333,11 @@ def run_wa_quantization(
             progress(batches(data, cfg.batch_size, cfg.seed), cfg.steps, desc),
             schedule,
             optimizer,
-            torch.optim.SGD(tutor.parameters(), lr=cfg.lr / 10, momentum=0.9),
+            torch.optim.SGD(
+                tutor.parameters(),
+                lr=cfg.lr / 10 if teacher_lr is None else teacher_lr,
+                momentum=0.9,
+            ),
             scheduler=scheduler,
         )
         info["teacher_accuracy"] = accuracy(teacher, data)
