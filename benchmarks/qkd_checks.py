@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         shares = [args.variants[i :: args.workers] for i in range(args.workers)]
         workers = [subprocess.Popen([*common, *s], cwd=ROOT, env=env) for s in shares if s]
-        if any(w.wait() for w in workers):
+        if any([w.wait() for w in workers]):  # wait for every worker, then judge
             raise SystemExit("qkd_checks: a worker failed; run again to resume")
     data = runs.load_cifar10(runs.data_root(), cfg.train_images, cfg.test_images, cfg.seed)
     results = {"activations": activation_check(cfg, data, WORK, args.bits)}
