@@ -15,20 +15,16 @@ processes do about twice the work of one two-thread process).
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks.common import RESULTS, environment
+from benchmarks.common import RESULTS, environment, run_one_thread_workers
 from recipes import cifar
 from recipes import small_runs as runs
 from recipes.experiments import load_recipe
 
 WORK = Path(__file__).resolve().parent / "work" / "cifar"
 OUT = RESULTS / "cifar"
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _queues(names: list[str], workers: int) -> list[list[str]]:
@@ -57,17 +53,10 @@ def _run_in_workers(
     for flag in ("train_images", "test_images", "steps", "output_dir"):
         if getattr(args, flag) is not None:
             forwarded += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     queues = _queues(todo, args.workers)
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.bench_cifar", *forwarded, "--only", *queue],
-            cwd=ROOT,
-            env=env,
-        )
-        for queue in queues
-    ]
-    failed = [name for worker, queue in zip(workers, queues) if worker.wait() for name in queue]
+    failed = run_one_thread_workers(
+        "benchmarks.bench_cifar", [[*forwarded, "--only", *queue] for queue in queues]
+    )
     if failed:
         raise SystemExit(f"bench_cifar: a worker failed on {failed}; run again to resume")
 

@@ -4,7 +4,10 @@ record the configuration, versions and machine next to each figure."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +16,7 @@ from compressor.format.files import atomic_write_json
 from recipes.environment import environment
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def timings(fn: Callable[[], object], repeats: int = 7, warmup: int = 1) -> dict:
@@ -72,3 +76,15 @@ def kept_figures(name: str, keys: tuple[str, ...]) -> dict:
     measured in: what a fresh clone keeps when the models to measure them again are absent."""
     last = load_result(name) or {}
     return {k: {"measured_in": last.get("environment"), **last[k]} for k in keys if k in last}
+
+
+def run_one_thread_workers(module: str, argv_lists: list[list[str]]) -> list[list[str]]:
+    """``python -m module ARGV`` once per list, all at once, each on one thread (small models
+    do about twice the work in two one-thread processes as in one two-thread process); waits
+    for every one and returns the argument lists of those that failed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    workers = [
+        subprocess.Popen([sys.executable, "-m", module, *argv], cwd=ROOT, env=env)
+        for argv in argv_lists
+    ]
+    return [argv for worker, argv in zip(workers, argv_lists) if worker.wait()]

@@ -18,17 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from benchmarks.bench_cifar import ROOT, WORK
-from benchmarks.common import RESULTS, environment
+from benchmarks.bench_cifar import WORK
+from benchmarks.common import RESULTS, environment, run_one_thread_workers
 from compressor.format.files import atomic_write_json
 from recipes import cifar
 from recipes import small_runs as runs
@@ -89,21 +86,19 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = cfg if args.steps is None else replace(cfg, steps=args.steps)
     OUT.mkdir(parents=True, exist_ok=True)
     if args.workers > 1 and len(args.variants) > 1:
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        common = [sys.executable, "-m", "benchmarks.qkd_checks", "--bits", str(args.bits)]
-        common += ["--seed", str(args.seed)]
-        common += (
-            ["--variants"] if args.steps is None else ["--steps", str(args.steps), "--variants"]
-        )
+        common = ["--bits", str(args.bits), "--seed", str(args.seed)]
+        common += [] if args.steps is None else ["--steps", str(args.steps)]
         shares = [args.variants[i :: args.workers] for i in range(args.workers)]
-        workers = [subprocess.Popen([*common, *s], cwd=ROOT, env=env) for s in shares if s]
-        if any([w.wait() for w in workers]):  # wait for every worker, then judge
+        argv_lists = [[*common, "--variants", *share] for share in shares if share]
+        if run_one_thread_workers("benchmarks.qkd_checks", argv_lists):
             raise SystemExit("qkd_checks: a worker failed; run again to resume")
     data = runs.load_cifar10(runs.data_root(), cfg.train_images, cfg.test_images, cfg.seed)
     results = {"activations": activation_check(cfg, data, WORK, args.bits)}
     atomic_write_json(OUT / f"activations_w{args.bits}a{args.bits}.json", results["activations"])
     for variant in args.variants:
-        path = OUT / f"qkd_w{args.bits}a{args.bits}_seed{args.seed}_{variant}.json"
+        # a quick try with --steps never replaces a full-size result
+        steps = "" if args.steps is None else f"_steps{args.steps}"
+        path = OUT / f"qkd_w{args.bits}a{args.bits}_seed{args.seed}_{variant}{steps}.json"
         cached = json.loads(path.read_text()) if path.exists() else None
         if cached is not None and cached["config"] == asdict(cfg):
             results[variant] = cached

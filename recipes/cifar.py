@@ -212,7 +212,9 @@ def _ablation_jobs(models: _Models) -> dict[str, Job]:
         method, bits, seed = settings["method"], settings["bits"], settings["seed"]
 
         def make(method=method, bits=bits, seed=seed, init=settings["init"]):
-            teacher, start, table = models.get("teacher"), models.get(init), models.teacher_logits()
+            teacher, start = models.get("teacher"), models.get(init)
+            # only the frozen-teacher row reads the logit table; QKD's teacher changes as it trains
+            table = models.teacher_logits() if method == "qat_kd" else None
             began = time.perf_counter()  # the row's own training, not the models it shares
             model, info = runs.run_wa_quantization(
                 data, replace(cfg, seed=cfg.seed + seed), teacher, start, bits, method, table=table
