@@ -23,15 +23,16 @@ Speed is OpenNMT's own ``Tokens per second`` (``-report_time``: translation only
 loading excluded).
 
 With ``--transformer`` (``--skip-lstm`` for that section alone), the same for a transformer at
-CPU scale (the ``multi30k`` recipe's ``cpu_transformer`` scale: d_model 256, 4 heads,
-feed-forward 1024, a 3+3-layer teacher, a 3+1-layer 4-bit student on the kernel grid, started
-from the teacher's layers; the shipped teacher's sentencepiece models and vocabularies), side by
-side with CTranslate2: a full-precision student of the same shape (labels only, same steps),
-exported with ``qdistill onmt-export-ct2 --quantization int8`` (CTranslate2's own re-quantization)
-and timed with ``ctranslate2.Translator`` on the same sentences (tokenization and detokenization
-included, as in OpenNMT's figure). Results go to ``results/int4_transformer.json``.
+CPU scale: the models of the ``multi30k`` recipe's ``cpu_transformer`` scale (d_model 256, 4
+heads, feed-forward 1024, a 3+3-layer teacher, a 3+1-layer 4-bit student on the kernel grid and a
+full-precision student of the same shape, both started from the teacher's layers), trained by
+``bench_translation --experiment transformer`` (run first if its result is missing), side by
+side with CTranslate2: the full-precision student exported with ``qdistill onmt-export-ct2
+--quantization int8`` (CTranslate2's own re-quantization) and timed on the same sentences by
+``onmt_plugin.ct2_translate`` (translation only, as OpenNMT's figure). Results go to
+``results/int4_transformer.json``.
 
-    python -m benchmarks.bench_int4 --transformer --skip-lstm --teacher-dir DIR
+    python -m benchmarks.bench_int4 --transformer --skip-lstm
 """
 
 from __future__ import annotations
@@ -43,16 +44,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks.common import interleaved_timings, ratio, write_result
-from compressor.format.files import atomic_write_bytes, atomic_write_text
+from compressor.format.files import atomic_write_text
 
 BIN = Path(sys.executable).parent
 WORK = Path(__file__).resolve().parent / "work" / "int4"
-# The shipped Multi30k teacher: its sentencepiece models and vocabularies serve the transformer.
-SHIPPED = Path(__file__).resolve().parents[1] / "onmt_plugin" / "pretrained" / "multi30k_de_en_lstm"
 BUCKET = 128  # the brnn encoder's LSTMs are 128 wide per direction at hidden 256
 _SPEED = re.compile(r"Tokens per second: ([0-9.]+)")
 _TOTAL = re.compile(r"Total translation time \(s\): ([0-9.]+)")
@@ -221,9 +219,15 @@ def translate(
     runtime: str,
     threads: int,
 ) -> dict:
-    """One ``onmt_translate`` run: OpenNMT's tokens/s, wall time, peak RSS, path taken."""
+    """One ``onmt_translate`` run: OpenNMT's tokens/s, wall time, peak RSS, path taken. A
+    CTranslate2 directory runs through ``onmt_plugin.ct2_translate`` (same flags, same log)."""
+    from onmt_plugin.ct2_translate import is_ct2_model
+
+    engine = [BIN / "onmt_translate"]
+    if is_ct2_model(model):
+        engine = [sys.executable, "-m", "onmt_plugin.ct2_translate"]
     cmd = [
-        BIN / "onmt_translate",
+        *engine,
         "-model",
         model,
         "-src",
@@ -257,13 +261,14 @@ def translate(
     if os.waitstatus_to_exitcode(status):
         raise RuntimeError(f"onmt_translate failed:\n{text[-2000:]}")
     path = _RUNTIME.search(text)
+    path = "ctranslate2" if is_ct2_model(model) else path.group(1) if path else "fp32"
     resident = _RESIDENT.search(text)
     return {
         "tokens_per_s": float(_SPEED.search(text).group(1)),
         "translate_s": float(_TOTAL.search(text).group(1)),
         "wall_s": wall,
         "peak_rss_mib": usage.ru_maxrss / 1024,
-        "path": path.group(1) if path else "fp32",
+        "path": path,
         "resident_mib": float(resident.group(1)) if resident else None,
         "decoded_mib": float(resident.group(2)) if resident else None,
     }
@@ -344,140 +349,29 @@ def quantizer_speed(numel: int = 16 * 1024 * 1024) -> dict:
 # The transformer section (--transformer): int4 against fp32 path, and against CTranslate2.
 
 
-def transformer_scale(args: argparse.Namespace):
-    """The multi30k recipe's ``cpu_transformer`` scale, with this run's steps and depth."""
+def transformer_models(args: argparse.Namespace) -> tuple[Path, dict[str, Path], dict]:
+    """The ``multi30k`` recipe's ``cpu_transformer`` models, trained, packed and evaluated by
+    ``bench_translation --experiment transformer`` (run here if its result is not there): the
+    teacher, the 4-bit student on the kernel grid and the full-precision student; plus that
+    full-precision student exported to CTranslate2 int8 (CTranslate2's own re-quantization,
+    the peer toolkits' route). Returns (the recipe's work folder, models by name, its
+    parameters)."""
+    from benchmarks.bench_translation import run_experiment, work_folder
     from recipes import translation as t
-    from recipes.experiments import load_recipe
 
-    params = load_recipe("multi30k").parameters("cpu_transformer")
-    fields = {
-        k: tuple(v) if isinstance(v, list) else v
-        for k, v in params.items()
-        if k in t.TranslationScale.__dataclass_fields__
+    result = run_experiment("transformer")
+    work = work_folder("transformer") / "work"
+    models = {
+        "teacher": work / "teacher.pt",
+        "student_kernel": work / "student_qd4.qd",
+        "student_fp32": work / "student_fp32.pt",
     }
-    overrides = {
-        "teacher_steps": args.transformer_teacher_steps,
-        "student_steps": args.transformer_student_steps,
-        "threads": args.threads,
-    }
-    if args.transformer_student_layers:
-        enc, dec = args.transformer_student_layers
-        overrides.update(student_layers=enc, student_dec_layers=dec)
-    fields.update({k: v for k, v in overrides.items() if v is not None})
-    return t.TranslationScale(**{**fields, "name": "cpu_transformer"})
-
-
-def transformer_data(args: argparse.Namespace, scale) -> Path:
-    """A folder with {train,valid,test}.{src,tgt}: ``--data-dir``, the teacher folder's
-    ``data/``, or Multi30k prepared here (plain copies, no training)."""
-    from recipes import translation as t
-
-    for folder in (args.data_dir, args.teacher_dir and Path(args.teacher_dir) / "data"):
-        if folder:
-            if not (Path(folder) / "test.tgt").exists():
-                raise SystemExit(f"{folder} lacks test.tgt (and its other splits)")
-            return Path(folder)
-    corpus = t.Corpus(
-        Path(os.environ.get("QDISTILL_DATA", "../shared/data")) / "multi30k", "de", "en"
-    )
-    t.prepare_data(corpus, scale, args.work / "transformer" / "data")
-    return args.work / "transformer" / "data"
-
-
-def transformer_models(args: argparse.Namespace) -> tuple[Path, dict[str, Path], object]:
-    """The transformer teacher, the 4-bit student on the kernel grid (packed), the
-    full-precision student of the same shape and its CTranslate2 int8 export; each step
-    skipped when its output is there. Returns (work folder, models by name, scale)."""
-    from recipes import translation as t
-
-    scale = transformer_scale(args)
-    work = args.work / "transformer"
-    work.mkdir(parents=True, exist_ok=True)
-    for name in ("spm.src.model", "spm.tgt.model", "vocab.src", "vocab.tgt"):
-        if not (work / name).exists():
-            atomic_write_bytes(work / name, (args.spm_dir / name).read_bytes())
-    data = transformer_data(args, scale)
-    files = {f"{s}.{side}": data / f"{s}.{side}" for s in t.SPLITS for side in ("src", "tgt")}
-    config = t.base_config(files, scale, work)
-    layers = scale.teacher_layers
-    what = t.describe(scale.model, scale.hidden_size, layers, layers)
-    print(f"transformer teacher: {what}, {scale.teacher_steps} steps", flush=True)
-    ckpt = t.train(
-        {**config, **t.depth_options(layers, layers)},
-        work,
-        "teacher",
-        scale.teacher_steps,
-        args.threads,
-    )
-    models = {"teacher": t.strip_optimizer(ckpt, work / "teacher.pt")}
-    enc, dec = scale.student_depth
-    init = work / "student_init.pt"
-    if not init.exists():
-        shrink = ["--checkpoint", models["teacher"], "-o", init]
-        t._qdistill("shrink", "onmt", *shrink, "--enc-layers", enc, "--dec-layers", dec)
-    student = {**config, **t.depth_options(enc, dec)}
-    if scale.student_warmup_steps is not None:
-        student.update(t.schedule_options(scale, scale.student_warmup_steps))
-    from_teacher = ["-train_from", str(init), "-reset_optim", "all"]
-    what = t.describe(scale.model, scale.hidden_size, enc, dec)
-    packed = work / "student_kernel.qd"
-    if not packed.exists():
-        print(f"transformer student_kernel: {what}, 4-bit, {scale.student_steps} steps", flush=True)
-        distill = [
-            "-quantized_distill",
-            "-teacher_model",
-            str(models["teacher"]),
-            "-quant_bits",
-            "4",
-            "-quant_bucket_size",
-            str(scale.bucket_size),
-            "-quant_grid",
-            "int4_kernel",
-            "-distill_alpha",
-            str(scale.distill_alpha),
-        ]
-        distill += from_teacher
-        ckpt = t.train(student, work, "student_kernel", scale.student_steps, args.threads, distill)
-        t._qdistill("pack", ckpt, "-o", packed)
-    models["student_kernel"] = packed
-    print(f"transformer student_fp32: {what}, labels only, {scale.student_steps} steps", flush=True)
-    ckpt = t.train(student, work, "student_fp32", scale.student_steps, args.threads, from_teacher)
-    models["student_fp32"] = t.strip_optimizer(ckpt, work / "student_fp32.pt")
-    ct2 = work / "student_fp32.ct2_int8"
+    ct2 = args.work / "transformer" / "student_fp32.ct2_int8"
     if not ct2.exists():
+        ct2.parent.mkdir(parents=True, exist_ok=True)
         t._qdistill("onmt-export-ct2", models["student_fp32"], "-o", ct2, "--quantization", "int8")
     models["ct2_int8"] = ct2
-    return work, models, scale
-
-
-def ct2_translate(
-    model: Path, src: Path, out: Path, spm: Path, beam: int, batch: int, threads: int
-) -> dict:
-    """One CTranslate2 run over ``src``: tokens/s as OpenNMT counts them (target pieces, no
-    end of sentence), over sentencepiece encoding, translation and decoding; model loading
-    excluded."""
-    import ctranslate2
-    import sentencepiece
-
-    source = sentencepiece.SentencePieceProcessor(model_file=str(spm / "spm.src.model"))
-    target = sentencepiece.SentencePieceProcessor(model_file=str(spm / "spm.tgt.model"))
-    translator = ctranslate2.Translator(
-        str(model), device="cpu", inter_threads=1, intra_threads=threads
-    )
-    lines = src.read_text(encoding="utf-8").splitlines()
-    start = time.perf_counter()
-    pieces = [source.encode(line, out_type=str) for line in lines]
-    hypotheses = []
-    for i in range(0, len(pieces), batch):
-        done = translator.translate_batch(
-            pieces[i : i + batch], beam_size=beam, max_batch_size=batch
-        )
-        hypotheses += [r.hypotheses[0] for r in done]
-    text = [target.decode(h) for h in hypotheses]
-    seconds = time.perf_counter() - start
-    atomic_write_text(out, "\n".join(text) + "\n")
-    tokens = sum(len(h) for h in hypotheses)
-    return {"tokens_per_s": tokens / seconds, "translate_s": seconds, "path": "ctranslate2 int8"}
+    return work, models, result["parameters"]
 
 
 def transformer_section(args: argparse.Namespace) -> dict:
@@ -486,13 +380,13 @@ def transformer_section(args: argparse.Namespace) -> dict:
     with the teacher and the full-precision student (onmt_translate) for reference."""
     from onmt_plugin.export_ct2 import directory_bytes
 
-    work, models, scale = transformer_models(args)
+    work, models, parameters = transformer_models(args)
     if args.only_models:
         return {}
-    data = transformer_data(args, scale)
-    src, ref = work / f"test{args.sentences}.src", data / "test.tgt"
-    lines = (data / "test.src").read_text(encoding="utf-8").splitlines()[: args.sentences]
-    atomic_write_text(src, "\n".join(lines) + "\n")
+    src, ref = work / f"test{args.sentences}.src", work / "data" / "test.tgt"
+    lines = (work / "data" / "test.src").read_text(encoding="utf-8").splitlines()
+    atomic_write_text(src, "\n".join(lines[: args.sentences]) + "\n")
+    lines = lines[: args.sentences]
     speed = speed_table("transformer_kernel", models["student_kernel"], work, src, ref, args)
     out = args.work / "hyp"
     ct2, reference = {}, {}
@@ -501,7 +395,7 @@ def transformer_section(args: argparse.Namespace) -> dict:
         batch = int(key.rsplit("batch", 1)[1])
         hyp = out / f"transformer_ct2_int8.{key}.txt"
         runs = [
-            ct2_translate(models["ct2_int8"], src, hyp, work, beam, batch, args.threads)
+            translate(models["ct2_int8"], src, hyp, work, beam, batch, "fp32", args.threads)
             for _ in range(args.repeats)
         ]
         ct2[key] = {**max(runs, key=lambda x: x["tokens_per_s"]), "bleu": bleu(hyp, ref)}
@@ -524,7 +418,7 @@ def transformer_section(args: argparse.Namespace) -> dict:
         "ct2_int8_dir": directory_bytes(models["ct2_int8"]),
     }
     return {
-        "scale": asdict(scale),
+        "scale": parameters,
         "sentences": len(lines),
         "speed": speed,
         "ctranslate2_int8": ct2,
@@ -556,28 +450,6 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument(
         "--skip-lstm", action="store_true", help="skip the LSTM sections (and the quantizer's)"
-    )
-    parser.add_argument("--transformer-teacher-steps", type=int, help="default: the recipe's")
-    parser.add_argument("--transformer-student-steps", type=int, help="default: the recipe's")
-    parser.add_argument(
-        "--transformer-student-layers",
-        type=int,
-        nargs=2,
-        metavar=("ENC", "DEC"),
-        help="the transformer student's depth (default: the recipe's, 3 1)",
-    )
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        help="{train,valid,test}.{src,tgt} for the transformer (default: --teacher-dir's "
-        "data/, else Multi30k prepared under --work)",
-    )
-    parser.add_argument(
-        "--spm-dir",
-        type=Path,
-        default=SHIPPED,
-        help="sentencepiece models and vocabularies for the transformer (default: the shipped "
-        "teacher's)",
     )
     parser.add_argument(
         "--results-name", default="int4", help="results/NAME.json and NAME_transformer.json"

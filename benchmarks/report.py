@@ -306,6 +306,8 @@ def _translation_section(lines: list[str]) -> None:
     lines.append("![BLEU against file size](multi30k_bleu_vs_size.png)\n")
     fp32_student = by_name.get("student_fp32", {}).get("bytes")
     _translation_long(lines, p["student_steps"], fp32_student)
+    _translation_seqkd(lines)
+    _translation_transformer(lines)
 
 
 def _bucket_section(lines: list[str]) -> None:
@@ -379,6 +381,89 @@ def _seqkd_notes(rows: list[dict], parameters: dict) -> list[str]:
     if beam:
         text += f" BLEU/chrF beam {beam}: the same models decoded with beam search."
     return [text, ""]
+
+
+def _translation_seqkd(lines: list[str]) -> None:
+    """Sequence-level against word-level distillation on the shipped translator
+    (``bench_translation --experiment seqkd``), with issue 19's goals."""
+    result = _load(RESULTS / "translation_seqkd.json")
+    if not result:
+        return
+    rows = result["rows"]
+    lines.append(
+        "**Sequence-level distillation** (`python -m benchmarks.bench_translation --experiment "
+        "seqkd`): the translator that ships with qdistill (the cpu scale's teacher, not trained "
+        "again) compressed into three 1-layer 4-bit students, identical but for the training "
+        "target and the distillation term.\n"
+    )
+    lines.extend(_translation_table(rows))
+    lines.append("")
+    lines.extend(_seqkd_notes(rows, result["parameters"]))
+    by_name = {r["name"]: r for r in rows}
+    if {"student_qd4", "student_seqkd4_wkd"} <= by_name.keys():
+        gain = by_name["student_seqkd4_wkd"]["bleu"] - by_name["student_qd4"]["bleu"]
+        lines.append(
+            _goal(
+                "seqkd + word-level above word-level only, BLEU greedy", gain, ">= 0.5", gain >= 0.5
+            )
+        )
+    if "bleu_beam" in by_name.get("student_seqkd4_wkd", {}) and "bleu_beam" in by_name["teacher"]:
+        gap = by_name["teacher"]["bleu_beam"] - by_name["student_seqkd4_wkd"]["bleu_beam"]
+        lines.append(
+            _goal(
+                "seqkd + word-level below the fp32 teacher, BLEU beam 5", gap, "<= 0.5", gap <= 0.5
+            )
+        )
+    seqkd = next((r["seqkd"] for r in rows if r.get("seqkd")), None)
+    if seqkd and not seqkd.get("reused_chunks"):
+        minutes = seqkd["seconds"] / 60
+        lines.append(
+            _goal("translating the training corpus, minutes", minutes, "<= 10", minutes <= 10)
+        )
+    lines.append("")
+
+
+def _translation_transformer(lines: list[str]) -> None:
+    """The transformer rows (``bench_translation --experiment transformer``), with issue 18's
+    goals: the 4-bit student within 1.0 BLEU of its teacher, its file 7x smaller."""
+    result = _load(RESULTS / "translation_transformer.json")
+    if not result:
+        lines.append(
+            "_No transformer rows yet: run `python -m benchmarks.bench_translation --experiment "
+            "transformer` (the recipe's cpu_transformer scale, about 3 hours on 2 cores)._\n"
+        )
+        return
+    p = result["parameters"]
+    lines.append(
+        f"**Transformers** (`python -m benchmarks.bench_translation --experiment transformer`, "
+        f"scale {result['scale']}): a {p['teacher_layers']}+{p['teacher_layers']}-layer "
+        f"transformer teacher (d_model {p['hidden_size']}, {p['heads']} heads, feed-forward "
+        f"{p['transformer_ff']}, {p['teacher_steps']} steps), "
+        f"{p['student_layers']}+{p.get('student_dec_layers') or p['student_layers']}-layer "
+        f"students started from its layers ({p['student_steps']} steps; the 4-bit one on the "
+        f"{p.get('quant_grid', 'minmax')} grid, bucket {p['bucket_size']}), the PM teacher, and "
+        "the 4-bit student exported to CTranslate2 with its int8 re-quantization "
+        "(`student_qd4_ct2_int8`, translated by CTranslate2).\n"
+    )
+    lines.extend(_translation_table(result["rows"]))
+    by_name = {r["name"]: r for r in result["rows"]}
+    lines.append("")
+    if {"teacher", "student_qd4"} <= by_name.keys():
+        gap = by_name["teacher"]["bleu"] - by_name["student_qd4"]["bleu"]
+        lines.append(
+            _goal("4-bit transformer student below its teacher, BLEU", gap, "<= 1.0", gap <= 1.0)
+        )
+    if {"student_fp32", "student_qd4"} <= by_name.keys():
+        ratio = by_name["student_fp32"]["bytes"] / by_name["student_qd4"]["bytes"]
+        lines.append(
+            _goal(
+                "4-bit transformer student's packed file smaller than its fp32 checkpoint, times",
+                ratio,
+                ">= 7",
+                ratio >= 7,
+            )
+        )
+    lines.append("")
 
 
 def _translation_long(lines: list[str], main_steps: int, fp32_student: int | None) -> None:

@@ -20,6 +20,9 @@ numbers are those of the model, vocabulary and transforms stored in the checkpoi
   student trained on the kernel grid, see ``onmt_plugin.runtime``), else "fp32";
   ``peak_rss_mib`` is the translation process's peak resident memory. ``--fp32 NAME`` runs
   that model on the fp32 path (``QDISTILL_RUNTIME=fp32``), so one table can compare both.
+- CTranslate2: a model that is a CTranslate2 directory (``qdistill onmt-export-ct2``) is
+  translated and scored by :mod:`onmt_plugin.ct2_translate` with the same flags and log lines
+  instead; its size is the directory's bytes and its ``runtime`` "ct2".
 - agreement with ``--teacher NAME``: sacrebleu BLEU of the model's hypotheses with the teacher's
   hypotheses as the reference (100 = identical output).
 """
@@ -40,6 +43,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from compressor.format.files import atomic_write_json, check_output
+from onmt_plugin.ct2_translate import is_ct2_model
+from onmt_plugin.export_ct2 import directory_bytes
 
 # OpenNMT-py 3.5 ends a run with -tgt by the mean gold score per sentence and the count.
 _GOLD = re.compile(r"GOLD SCORE: (-?[0-9.]+(?:e[-+]?\d+)?), GOLD PPL: \S+ NB SENTENCES: (\d+)")
@@ -160,7 +165,10 @@ def translate(
     receives the process's peak resident memory (``peak_rss_mib``)."""
     from compressor.cli import UsageError
 
-    cmd = [*_onmt_translate(), "-model", model, "-src", src, "-output", out, *extra]
+    engine = [sys.executable, "-m", "onmt_plugin.ct2_translate"]
+    if not is_ct2_model(model):
+        engine = _onmt_translate()
+    cmd = [*engine, "-model", model, "-src", src, "-output", out, *extra]
     if gold:
         cmd += ["-tgt", gold]
     with tempfile.TemporaryFile("w+") as log:
@@ -196,12 +204,14 @@ def evaluate_model(
     seconds, log = translate(path, src, str(hyp_file), None, [*extra, "-report_time"], env, usage)
     hyps = _read_lines(hyp_file)
     bleu, chrf, bsig, csig = score_lines(hyps, refs)
-    row = EvalRow(name=name, path=path, bytes=os.path.getsize(path), bleu=bleu, chrf=chrf)
+    ct2 = is_ct2_model(path)
+    size = directory_bytes(Path(path)) if ct2 else os.path.getsize(path)
+    row = EvalRow(name=name, path=path, bytes=size, bleu=bleu, chrf=chrf)
     row.extra["bleu_signature"], row.extra["chrf_signature"] = bsig, csig
     row.tokens_per_s = sum(len(h.split()) for h in hyps) / max(seconds, 1e-9)
     speed, runtime = _SPEED.search(log), _RUNTIME.search(log)
     row.decode_tokens_per_s = float(speed.group(1)) if speed else None
-    row.runtime = runtime.group(1) if runtime else "fp32"
+    row.runtime = "ct2" if ct2 else runtime.group(1) if runtime else "fp32"
     row.peak_rss_mib = usage.get("peak_rss_mib")
     _, gold_log = translate(path, src, str(workdir / f"{name}.gold"), refs_path, extra, env)
     match = _GOLD.search(gold_log)
@@ -268,8 +278,11 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.models:
             name, path = _named(spec)
-            if not os.path.isfile(path):
-                raise UsageError(f"checkpoint {path} does not exist; give NAME=PATH of a .pt file")
+            if not (os.path.isfile(path) or is_ct2_model(path)):
+                raise UsageError(
+                    f"checkpoint {path} does not exist; give NAME=PATH of a .pt or .qd file or "
+                    "a CTranslate2 model directory"
+                )
             if args.src is None:
                 raise UsageError("--src is required to translate checkpoints")
             env = {"QDISTILL_RUNTIME": "fp32"} if name in (args.fp32 or []) else None
@@ -311,7 +324,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "onmt-eval",
         help="BLEU, chrF, gold perplexity, size, speed and teacher agreement of OpenNMT-py models",
     )
-    p.add_argument("models", nargs="*", help="checkpoints as NAME=PATH (or PATH)")
+    p.add_argument(
+        "models",
+        nargs="*",
+        help="checkpoints (.pt, .qd) or CTranslate2 model directories as NAME=PATH (or PATH)",
+    )
     p.add_argument("--src", help="source text file to translate")
     p.add_argument("--ref", required=True, help="reference text file")
     p.add_argument("--hyp", action="append", help="score a hypothesis file (NAME=PATH), repeatable")

@@ -188,8 +188,12 @@ def run_recipe(
     output_dir: str | os.PathLike,
     smoke: bool = False,
     data_root: str | os.PathLike | None = None,
+    teacher: str | os.PathLike | None = None,
 ) -> dict:
-    """Run (or finish) a recipe; returns what it writes to ``output_dir/result.json``."""
+    """Run (or finish) a recipe; returns what it writes to ``output_dir/result.json``.
+
+    ``teacher``: translation recipes only, an existing trained OpenNMT-py checkpoint (with its
+    sentencepiece models and vocabularies beside it) to compress instead of training one."""
     from recipes.small_runs import data_root as default_root
 
     out = Path(output_dir)
@@ -203,6 +207,8 @@ def run_recipe(
     if recipe.engine == "translation":
         parameters = {"name": f"{scale} (smoke)" if smoke else scale, **parameters}
     config = _engine_config(recipe, parameters)
+    if teacher is not None and recipe.engine != "translation":
+        raise RecipeError(f"recipe {recipe.name}: an existing teacher is for translation recipes")
     device = str(getattr(config, "device", "cpu"))
     if getattr(config, "gpu", False) or device.startswith("cuda"):
         import torch
@@ -236,13 +242,14 @@ def run_recipe(
                 else {}
             ),
         )
-        rows = translation.run(corpus, config, out / "work")["rows"]
+        rows = translation.run(corpus, config, out / "work", teacher=teacher)["rows"]
     result = {
         "recipe": recipe.name,
         "description": recipe.description,
         "scale": scale,
         "smoke": smoke,
         "parameters": parameters,
+        "existing_teacher": None if teacher is None else str(teacher),
         "data": str(data / recipe.data),
         "rows": rows,
         "seconds": time.time() - started,

@@ -6,7 +6,8 @@ transform, so translations come out detokenized), ``onmt_build_vocab``, a full-p
 or transformer teacher (``onmt_train``), a shallower student started from the teacher's layers
 (``qdistill shrink onmt``) and trained by ``onmt_train --quantized_distill``, the post-training
 quantized teacher (``qdistill onmt-quantize``, the paper's PM baseline), packed files
-(``qdistill pack``) and ``qdistill onmt-eval`` of every model on the test set. With ``seqkd``
+(``qdistill pack``) and ``qdistill onmt-eval`` of every model on the test set (a transformer's
+4-bit student also exported to CTranslate2 int8, ``qdistill onmt-export-ct2``). With ``seqkd``
 the teacher also translates the training source (``qdistill onmt-seqkd``) and two more 4-bit
 students learn from those translations (sequence-level distillation, Kim and Rush 2016).
 
@@ -643,6 +644,15 @@ def run(
         if not pm.exists():
             _qdistill("onmt-quantize", teacher, "--bits", bits, "-o", pm)
         models[f"teacher_pm{bits}"] = _pack(pm, work / f"teacher_pm{bits}.qd", entropy_coded)
+
+    if scale.model == "transformer" and "student_qd4" in models:
+        # the deployment most OpenNMT-py users have: the 4-bit student exported to CTranslate2
+        # with its own int8 re-quantization (onmt-eval translates it with CTranslate2)
+        ct2 = work / "student_qd4.ct2_int8"
+        if not ct2.exists():
+            print(f"[6/{steps}] student_qd4 exported to CTranslate2 (int8)", flush=True)
+            _qdistill("onmt-export-ct2", models["student_qd4"], "-o", ct2, "--quantization", "int8")
+        models["student_qd4_ct2_int8"] = ct2
 
     print(f"[7/{steps}] onmt-eval on {counts['test.src']:,} test sentences", flush=True)
     fp32_paths = []  # each kernel-grid student once more, through the fp32 path

@@ -220,7 +220,39 @@ def test_long_student_experiment_keeps_the_multi30k_teacher():
     from benchmarks.bench_translation import EXPERIMENTS
 
     main = load_recipe("multi30k").parameters("cpu")
-    long = load_recipe(EXPERIMENTS["long"][0]).parameters("cpu")
+    long = load_recipe(EXPERIMENTS["long"].recipe).parameters("cpu")
     same = ("vocab_size", "hidden_size", "teacher_steps", "batch_tokens", "threads")
     assert {k: long[k] for k in same} == {k: main[k] for k in same}
     assert long["student_steps"] > main["student_steps"] and long["bits"] == [4]
+
+
+def test_seqkd_experiment_compresses_the_shipped_multi30k_teacher():
+    """The seqkd benchmark reuses the shipped translator as its teacher: that is only fair
+    while the translator is the multi30k recipe's cpu teacher and the students match."""
+    from benchmarks.bench_translation import EXPERIMENTS
+    from onmt_plugin import pretrained
+
+    main = load_recipe("multi30k").parameters("cpu")
+    seqkd = load_recipe(EXPERIMENTS["seqkd"].recipe).parameters("cpu")
+    card = pretrained.card()
+    assert EXPERIMENTS["seqkd"].shipped_teacher
+    assert (card["train_steps"], card["vocab_size"], card["hidden_size"]) == (
+        main["teacher_steps"],
+        main["vocab_size"],
+        main["hidden_size"],
+    )
+    same = ("vocab_size", "hidden_size", "teacher_steps", "student_steps", "batch_tokens")
+    assert {k: seqkd[k] for k in same} == {k: main[k] for k in same}
+    assert seqkd["seqkd"] and seqkd["bits"] == [4] and seqkd["seqkd_beam"] == 5
+
+
+def test_an_existing_teacher_is_refused_for_a_vision_recipe(tmp_path, cifar10_dir):
+    with pytest.raises(RecipeError, match="existing teacher"):
+        run_recipe(
+            load_recipe("cifar10"),
+            "cpu",
+            tmp_path,
+            smoke=True,
+            data_root=cifar10_dir.parent,
+            teacher=tmp_path / "teacher.pt",
+        )

@@ -303,6 +303,32 @@ def test_ctranslate2_export_scores_like_onmt_translate(corpus, transformer, tmp_
     assert ct2_score == pytest.approx(onmt_score, rel=1e-4)
     hypotheses = translator.translate_batch(sources, beam_size=1, max_decoding_length=8)
     assert len(hypotheses) == 30 and all(h.hypotheses[0] for h in hypotheses)
+    # onmt-eval takes the directory as a model: translated and scored by CTranslate2 with the
+    # same flags, its size the directory's bytes, its gold perplexity that of onmt_translate.
+    _run(
+        [
+            BIN / "qdistill",
+            "onmt-eval",
+            f"onmt={transformer}",
+            f"ct2={tmp_path / 'from_qd'}",
+            "--src",
+            "src-val.txt",
+            "--ref",
+            "tgt-val.txt",
+            "--teacher",
+            "onmt",
+            "--json",
+            tmp_path / "eval.json",
+        ],
+        corpus,
+    )
+    rows = {r["name"]: r for r in json.loads((tmp_path / "eval.json").read_text())}
+    assert (rows["onmt"]["runtime"], rows["ct2"]["runtime"]) == ("fp32", "ct2")
+    assert rows["ct2"]["bytes"] == sum(
+        f.stat().st_size for f in (tmp_path / "from_qd").iterdir() if f.is_file()
+    )
+    assert rows["ct2"]["ppl_word"] == pytest.approx(rows["onmt"]["ppl_word"], rel=1e-3)
+    assert rows["ct2"]["decode_tokens_per_s"] > 0 and rows["ct2"]["agreement_bleu"] is not None
 
 
 def test_ctranslate2_export_errors_are_one_line(corpus, transformer, tmp_path):
