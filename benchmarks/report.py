@@ -240,6 +240,17 @@ def _cifar_goals(by_name: dict) -> list[str]:
                 gap <= 0.5,
             )
         )
+    if {"qd_4", "qd_4_kernel"} <= acc.keys():
+        apart = abs(acc["qd_4"] - acc["qd_4_kernel"])
+        out.append(
+            _goal(
+                "4-bit quantized distillation on the int4 kernel grid against the min-max grid, "
+                f"points apart ({acc['qd_4_kernel']:.2f} against {acc['qd_4']:.2f})",
+                apart,
+                "<= 0.3",
+                apart <= 0.3,
+            )
+        )
     if "pm_2" in acc and ({"qd_2", "dq_2"} & acc.keys()):
         best = max(acc[n] for n in ("qd_2", "dq_2") if n in acc)
         margin = best - acc["pm_2"]

@@ -66,18 +66,18 @@ KEPT_ARGS = (
     "qkd_tutor_epochs",
 )
 
-# The two commands that trained the shipped classifier (run.sh and run_anneal.sh of the run):
-# a 14-epoch cosine schedule stopped after its third epoch (epochs 0-2) because the shared
-# machine was slower than planned, then a 5-epoch cosine anneal from that epoch's weights.
+# The command that trained the shipped classifier: a 32-epoch cosine schedule from lr 0.1, as two
+# one-thread DistributedDataParallel ranks (gloo) on a 2-core CPU, global batch 128.
 COMMON_LINE = (
     "--model shufflenet_v2_x1_0 --cifar-stem --full-precision --device cpu -b 128 --opt sgd "
     "--momentum 0.9 --wd 5e-4 --label-smoothing 0.1 --lr-scheduler cosineannealinglr -j 0 "
-    "--max-val-samples 2000 --print-freq 20"
+    "--max-val-samples 2000 --print-freq 50 --quiet"
 )
 COMMON = COMMON_LINE.split()
-STAGE1 = ["--epochs", "14", "--lr", "0.1"]
-STAGE1_STOP = 2  # the last epoch stage 1 ran (model_2.pth)
-STAGE2 = ["--epochs", "5", "--lr", "0.08"]
+EPOCHS = 32
+SCHEDULE = ["--epochs", str(EPOCHS), "--lr", "0.1"]
+RANKS = 2
+TARGET = 85.0  # Acc@1 % that issue 18 asked of the shipped classifier
 
 
 def export(checkpoint_path: str | os.PathLike, folder: str | os.PathLike) -> Path:
@@ -217,52 +217,34 @@ def measure(checkpoint_path: Path, folder: Path, data_path: Path) -> dict:
 
 def _train(argv: list[str]) -> subprocess.Popen:
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "vision_plugin.train", *argv]
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={RANKS}"]
+    command = [sys.executable, *launch, "-m", "vision_plugin.train", *argv]
     print("$", " ".join(command[1:]), flush=True)
     return subprocess.Popen(command, env=environment)
 
 
 def reproduce(data_path: Path, work: Path, folder: Path) -> Path:
-    """Train the shipped classifier again with the same two commands (each resumes from its
+    """Train the shipped classifier again with the same command (which resumes from its
     checkpoint when rerun), then export it to ``folder`` and write the figures to its card.
     The numbers will be close to the shipped ones, not bit-identical."""
     data = ["--data-path", str(data_path)]
-    first, anneal = work / "stage1", work / "anneal"
-    stop = first / f"model_{STAGE1_STOP}.pth"
     start = time.time()
-    if not stop.is_file():
-        last = first / "checkpoint.pth"
+    if not (work / f"model_{EPOCHS - 1}.pth").is_file():
+        last = work / "checkpoint.pth"
         resume = ["--resume", str(last)] if last.is_file() else []
-        process = _train([*data, *COMMON, *STAGE1, "--output-dir", str(first), *resume])
-        while process.poll() is None and not stop.is_file():
-            time.sleep(5)
-        if process.poll() is None:  # stage 1 stopped after epoch 2, as the shipped run did
-            process.terminate()
-            process.wait()
-        elif not stop.is_file():
-            raise CheckpointError(f"stage 1 failed (exit status {process.returncode})")
-    if not (anneal / "model_4.pth").is_file():
-        resume = (
-            ["--resume", str(anneal / "checkpoint.pth")]
-            if (anneal / "checkpoint.pth").is_file()
-            else ["--student-checkpoint", str(stop)]
-        )
-        process = _train([*data, *COMMON, *STAGE2, "--output-dir", str(anneal), *resume])
+        process = _train([*data, *COMMON, *SCHEDULE, "--output-dir", str(work), *resume])
         if process.wait():
-            raise CheckpointError(f"stage 2 failed (exit status {process.returncode})")
-    export(anneal / "checkpoint.pth", folder)
-    write_card(anneal / "checkpoint.pth", folder, data_path, (time.time() - start) / 60)
+            raise CheckpointError(f"training failed (exit status {process.returncode})")
+    export(work / "checkpoint.pth", folder)
+    write_card(work / "checkpoint.pth", folder, data_path, (time.time() - start) / 60)
     return folder
 
 
 def commands(data_path: str, work: str) -> list[str]:
-    """The two training commands, as a shell would run them."""
-    base = f"python -m vision_plugin.train --data-path {data_path} {COMMON_LINE}"
+    """The training command, as a shell would run it (rerun it to resume)."""
     return [
-        f"{base} {' '.join(STAGE1)} --output-dir {work}/stage1  "
-        f"# stopped after epoch {STAGE1_STOP} (model_{STAGE1_STOP}.pth)",
-        f"{base} {' '.join(STAGE2)} --output-dir {work}/anneal "
-        f"--student-checkpoint {work}/stage1/model_{STAGE1_STOP}.pth",
+        f"OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node {RANKS} -m vision_plugin.train "
+        f"--data-path {data_path} {COMMON_LINE} {' '.join(SCHEDULE)} --output-dir {work}"
     ]
 
 
@@ -271,10 +253,11 @@ def write_card(checkpoint_path: Path, folder: Path, data_path: Path, minutes: fl
     from recipes.environment import environment
 
     figures = measure(checkpoint_path, folder, data_path)
+    reached = figures["test"]["fp32"]["acc1"]
     info = {
         "description": (
             "shufflenet_v2_x1_0 with the CIFAR stem, trained from scratch on CIFAR-10 by "
-            "vision_plugin.train: 8 epochs on one shared CPU core, still underfit"
+            f"vision_plugin.train: {EPOCHS} epochs, {RANKS} DDP ranks on a 2-core CPU"
         ),
         "model": "shufflenet_v2_x1_0",
         "cifar_stem": True,
@@ -285,11 +268,7 @@ def write_card(checkpoint_path: Path, folder: Path, data_path: Path, minutes: fl
         "commands": commands("CIFAR10_DIR", "WORK"),
         "reproduce": "python -m vision_plugin.pretrained reproduce --data-path CIFAR10_DIR "
         "--work-dir WORK",
-        "epochs": {
-            "stage1": f"epochs 0-{STAGE1_STOP} of a 14-epoch cosine schedule from lr 0.1",
-            "stage2": "5-epoch cosine schedule from lr 0.08, from stage 1's last weights",
-            "total": STAGE1_STOP + 1 + 5,
-        },
+        "epochs": EPOCHS,
         "train_minutes": round(minutes, 1) if minutes is not None else None,
         "test": figures["test"],
         "subset": {
@@ -298,7 +277,7 @@ def write_card(checkpoint_path: Path, folder: Path, data_path: Path, minutes: fl
             **figures["subset"],
         },
         "bytes": figures["bytes"],
-        "target": "issue 18 asked for at least 85% Acc@1; this run reached 76%",
+        "target": f"issue 18 asked for at least {TARGET:g}% Acc@1; this run reached {reached:.2f}%",
         "environment": environment(),
     }
     atomic_write_json(folder / CARD, info)
