@@ -278,6 +278,11 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.models:
             name, path = _named(spec)
+            if os.path.isdir(path) and not is_ct2_model(path):
+                raise UsageError(
+                    f"{path} is a folder but not a CTranslate2 model directory (no model.bin); "
+                    "give a .pt or .qd file, or a folder written by qdistill onmt-export-ct2"
+                )
             if not (os.path.isfile(path) or is_ct2_model(path)):
                 raise UsageError(
                     f"checkpoint {path} does not exist; give NAME=PATH of a .pt or .qd file or "

@@ -143,3 +143,14 @@ def test_onmt_eval_json_never_replaces_an_input(tiny, tmp_path):
         run_command([*evaluate, "--json", notes, "--force"], tmp_path), "not a file that"
     )
     assert notes.read_text() == '{"mine": 1}\n'
+
+
+def test_onmt_eval_names_a_folder_that_is_not_a_ctranslate2_model(tmp_path):
+    ref = tmp_path / "ref.txt"
+    ref.write_text("a b\n")
+    (tmp_path / "folder").mkdir()
+    evaluate = [BIN / "qdistill", "onmt-eval", "--src", ref, "--ref", ref]
+    done = run_command([*evaluate, f"m={tmp_path / 'folder'}"], tmp_path)
+    _one_line_error(done, "is a folder but not a CTranslate2 model directory")
+    done = run_command([*evaluate, f"m={tmp_path / 'missing.pt'}"], tmp_path)
+    _one_line_error(done, "does not exist")
