@@ -222,12 +222,10 @@ def translate(
     """One ``onmt_translate`` run: OpenNMT's tokens/s, wall time, peak RSS, path taken. A
     CTranslate2 directory runs through ``onmt_plugin.ct2_translate`` (same flags, same log)."""
     from onmt_plugin.ct2_translate import is_ct2_model
+    from onmt_plugin.evaluate import translator_command
 
-    engine = [BIN / "onmt_translate"]
-    if is_ct2_model(model):
-        engine = [sys.executable, "-m", "onmt_plugin.ct2_translate"]
     cmd = [
-        *engine,
+        *translator_command(model),
         "-model",
         model,
         "-src",

@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     from compressor.format.files import atomic_write_text
 
     args = _parser().parse_args(argv)
+    inputs = {Path(p).resolve() for p in (args.src, args.tgt) if p}
+    if Path(args.output).resolve() in inputs:
+        print(f"-output {args.output} is also an input; choose another file", file=sys.stderr)
+        return 2
     if args.gpu != -1:
         print("ct2_translate runs on the CPU only (-gpu -1)", file=sys.stderr)
         return 2

@@ -147,7 +147,12 @@ def subword_args(src_model: str | None, tgt_model: str | None) -> list[str]:
     ]
 
 
-def _onmt_translate() -> list[str]:
+def translator_command(model: str | os.PathLike) -> list[str]:
+    """The program that translates ``model``: the stock ``onmt_translate`` for a checkpoint or
+    packed file, :mod:`onmt_plugin.ct2_translate` (same flags, same log) for a CTranslate2
+    model directory."""
+    if is_ct2_model(model):
+        return [sys.executable, "-m", "onmt_plugin.ct2_translate"]
     exe = shutil.which("onmt_translate", path=os.path.dirname(sys.executable))
     return [exe] if exe else [sys.executable, "-m", "onmt.bin.translate"]
 
@@ -165,10 +170,7 @@ def translate(
     receives the process's peak resident memory (``peak_rss_mib``)."""
     from compressor.cli import UsageError
 
-    engine = [sys.executable, "-m", "onmt_plugin.ct2_translate"]
-    if not is_ct2_model(model):
-        engine = _onmt_translate()
-    cmd = [*engine, "-model", model, "-src", src, "-output", out, *extra]
+    cmd = [*translator_command(model), "-model", model, "-src", src, "-output", out, *extra]
     if gold:
         cmd += ["-tgt", gold]
     with tempfile.TemporaryFile("w+") as log:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,8 @@ def test_onmt_eval_names_a_folder_that_is_not_a_ctranslate2_model(tmp_path):
     _one_line_error(done, "is a folder but not a CTranslate2 model directory")
     done = run_command([*evaluate, f"m={tmp_path / 'missing.pt'}"], tmp_path)
     _one_line_error(done, "does not exist")
+    # the CTranslate2 translator never writes its hypotheses over its source
+    translate = ["-m", "onmt_plugin.ct2_translate", "-model", tmp_path, "-src", ref]
+    done = run_command([sys.executable, *translate, "-output", ref], tmp_path)
+    _one_line_error(done, "is also an input")
+    assert ref.read_text() == "a b\n"
