@@ -46,24 +46,60 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check(args: argparse.Namespace) -> None:
+    """Every user mistake this command can see before it loads anything, as a UsageError."""
+    from compressor.cli import UsageError
+
+    inputs = {Path(p).resolve() for p in (args.src, args.tgt) if p}
+    if Path(args.output).resolve() in inputs:
+        raise UsageError(f"-output {args.output} is also an input; choose another file")
+    if args.gpu != -1:
+        raise UsageError("ct2_translate runs on the CPU only (-gpu -1)")
+    if not is_ct2_model(args.model):
+        raise UsageError(
+            f"-model {args.model} is not a CTranslate2 model directory (no {MODEL_FILE}); "
+            "write one with qdistill onmt-export-ct2"
+        )
+    files = {"-src": args.src, "-tgt": args.tgt}
+    if "sentencepiece" in args.transforms:
+        files |= {"-src_subword_model": args.src_subword_model}
+        files |= {"-tgt_subword_model": args.tgt_subword_model}
+    for flag, path in files.items():
+        if path is None and flag != "-tgt":
+            raise UsageError(f"-transforms sentencepiece needs {flag}")
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"{flag} {path}: no such file")
+    if args.tgt:
+        count = {flag: len(_lines(files[flag])) for flag in ("-src", "-tgt")}
+        if count["-src"] != count["-tgt"]:
+            raise UsageError(
+                f"-src has {count['-src']} lines but -tgt {count['-tgt']}; "
+                "they must align line by line"
+            )
+
+
+def _lines(path: str) -> list[str]:
+    return Path(path).read_text(encoding="utf-8").splitlines()
+
+
 def main(argv: list[str] | None = None) -> int:
+    from compressor.cli import UsageError
+    from compressor.format.files import OutputError
+
+    args = _parser().parse_args(argv)
+    try:
+        _check(args)
+        return _translate(args)
+    except (UsageError, OutputError) as exc:
+        print(f"ct2_translate: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _translate(args: argparse.Namespace) -> int:
     import ctranslate2
 
     from compressor.format.files import atomic_write_text
 
-    args = _parser().parse_args(argv)
-    inputs = {Path(p).resolve() for p in (args.src, args.tgt) if p}
-    if Path(args.output).resolve() in inputs:
-        print(f"-output {args.output} is also an input; choose another file", file=sys.stderr)
-        return 2
-    if args.gpu != -1:
-        print("ct2_translate runs on the CPU only (-gpu -1)", file=sys.stderr)
-        return 2
-    if not is_ct2_model(args.model):
-        print(
-            f"{args.model} is not a CTranslate2 model directory (no {MODEL_FILE})", file=sys.stderr
-        )
-        return 2
     pieces = "sentencepiece" in args.transforms
     if pieces:
         import sentencepiece
@@ -76,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         inter_threads=1,
         intra_threads=int(os.environ.get("OMP_NUM_THREADS", "0")),
     )
-    lines = Path(args.src).read_text(encoding="utf-8").splitlines()
+    lines = _lines(args.src)
     sources = [src_sp.encode(line, out_type=str) if pieces else line.split() for line in lines]
     start = time.perf_counter()
     results = translator.translate_batch(
@@ -93,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Total translation time (s): {seconds:.1f}")
     print(f"Tokens per second: {tokens / max(seconds, 1e-9):.1f}")
     if args.tgt:
-        refs = Path(args.tgt).read_text(encoding="utf-8").splitlines()
+        refs = _lines(args.tgt)
         targets = [tgt_sp.encode(r, out_type=str) if pieces else r.split() for r in refs]
         scored = translator.score_batch(sources, targets, max_batch_size=args.batch_size)
         # onmt_translate's figure: the mean over sentences of each one's total log-probability

@@ -142,6 +142,23 @@ class _Models:
             return None
         return model
 
+    def _parameters(self) -> dict:
+        """What a kept model was trained with (the device does not change what it learns)."""
+        return {k: v for k, v in asdict(self.cfg).items() if k != "device"}
+
+    def _trained_alike(self, path: Path) -> bool:
+        """Whether ``path`` holds a model trained with this run's parameters; a model kept
+        from a run with other steps, widths or images (or kept without its parameters) is
+        trained again, with one line saying so."""
+        if not path.exists():
+            return False
+        kept = _read_json(_parameters_file(path))
+        if kept == self._parameters():
+            return True
+        why = "other parameters" if kept else "no record of its parameters"
+        print(f"  {path.name} was trained with {why}; training it again", flush=True)
+        return False
+
     def get(self, name: str) -> nn.Module:
         if name not in self._cache:
             build, train = {
@@ -161,12 +178,25 @@ class _Models:
                 ),
             }[name]
             path = self.work / f"{name}.pt"
-            model = self._load(path, build) if path.exists() else None
+            model = self._load(path, build) if self._trained_alike(path) else None
             if model is None:
                 model = train()
                 atomic_save(model.state_dict(), path)
+                atomic_write_json(_parameters_file(path), self._parameters())
             self._cache[name] = model
         return self._cache[name]
+
+
+def _parameters_file(model: Path) -> Path:
+    return model.with_suffix(".parameters.json")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def trained_model(

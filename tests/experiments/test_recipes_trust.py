@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import json
 import os
 import subprocess
@@ -421,13 +422,19 @@ def test_cifar_recipe_files_are_atomic_and_a_damaged_model_is_retrained(
     # A kept model that does not load (cut short by an older version) is trained again.
     cfg = runs.SmallRunConfig(teacher_width=4, teacher_depth=1)
     _truncated(tmp_path / "teacher.pt")
+    parameters = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "device"}
+    (tmp_path / "teacher.parameters.json").write_text(json.dumps(parameters))
     models = cifar._Models(cfg, {}, tmp_path)
     trained = []
     monkeypatch.setattr(runs, "train_teacher", lambda data, cfg: trained.append(1) or model)
     assert models.get("teacher") is model and trained == [1]
     assert "teacher.pt does not load" in capsys.readouterr().out
     reloaded = cifar._Models(cfg, {}, tmp_path).get("teacher")
-    assert torch.equal(reloaded[0].weight, model[0].weight)
+    assert torch.equal(reloaded[0].weight, model[0].weight) and trained == [1]
+    # A kept model trained with other parameters (a longer run's teacher) is trained again.
+    longer = cifar._Models(dataclasses.replace(cfg, steps=cfg.steps * 10), {}, tmp_path)
+    assert longer.get("teacher") is model and trained == [1, 1]
+    assert "teacher.pt was trained with other parameters" in capsys.readouterr().out
 
 
 # ---- 10: one safe loader; shrink vision takes the references' checkpoints ---------------------
