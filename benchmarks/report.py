@@ -692,7 +692,9 @@ def _int4_section(lines: list[str]) -> None:
             "--skip-lstm` (about 3 hours on 2 cores)._\n"
         )
     else:
-        lines.append(transformer_report(transformer["transformer"]) + "\n")
+        lines.append(
+            transformer_report(transformer["transformer"], transformer.get("config")) + "\n"
+        )
 
 
 def main() -> Path:
