@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 def _translate(args: argparse.Namespace) -> int:
     import ctranslate2
 
+    from compressor.cli import UsageError
     from compressor.format.files import atomic_write_text
 
     pieces = "sentencepiece" in args.transforms
@@ -106,12 +107,16 @@ def _translate(args: argparse.Namespace) -> int:
 
         src_sp = sentencepiece.SentencePieceProcessor(model_file=args.src_subword_model)
         tgt_sp = sentencepiece.SentencePieceProcessor(model_file=args.tgt_subword_model)
-    translator = ctranslate2.Translator(
-        args.model,
-        device="cpu",
-        inter_threads=1,
-        intra_threads=int(os.environ.get("OMP_NUM_THREADS", "0")),
-    )
+    try:
+        translator = ctranslate2.Translator(
+            args.model,
+            device="cpu",
+            inter_threads=1,
+            intra_threads=int(os.environ.get("OMP_NUM_THREADS", "0")),
+        )
+    except (RuntimeError, ValueError) as exc:  # a damaged or foreign model.bin
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"-model {args.model}: CTranslate2 cannot load it ({reason})") from None
     lines = _lines(args.src)
     sources = [src_sp.encode(line, out_type=str) if pieces else line.split() for line in lines]
     start = time.perf_counter()

@@ -160,7 +160,7 @@ def test_onmt_eval_names_a_folder_that_is_not_a_ctranslate2_model(tmp_path):
     done = run_command([sys.executable, *translate, "-output", ref], tmp_path)
     _one_line_error(done, "is also an input")
     assert ref.read_text() == "a b\n"
-    # and names every other mistake in one line, before it loads a model
+    # and names every other mistake in one line, writing nothing
     (tmp_path / "ct2").mkdir()
     (tmp_path / "ct2" / "model.bin").write_bytes(b"")
     hyp = ["-output", tmp_path / "hyp.txt"]
@@ -168,10 +168,11 @@ def test_onmt_eval_names_a_folder_that_is_not_a_ctranslate2_model(tmp_path):
     two.write_text("a\nb\n")
     for flags, message in (
         (["-model", tmp_path / "folder", "-src", ref], "is not a CTranslate2 model directory"),
-        (["-model", tmp_path / "ct2", "-src", tmp_path / "missing.de"], "-src"),
+        (["-model", tmp_path / "ct2", "-src", tmp_path / "missing.de"], "no such file"),
         (["-model", tmp_path / "ct2", "-src", ref, "-tgt", two], "must align line by line"),
         (["-model", tmp_path / "ct2", "-src", ref, "-transforms", "sentencepiece"], "needs"),
         (["-model", tmp_path / "ct2", "-src", ref, "-gpu", "0"], "CPU only"),
+        (["-model", tmp_path / "ct2", "-src", ref], "CTranslate2 cannot load it"),
     ):
         done = run_command(
             [sys.executable, "-m", "onmt_plugin.ct2_translate", *flags, *hyp], tmp_path
